@@ -1,0 +1,71 @@
+"""`hasten train` and `hasten noise-scale`: configure, train (resumably), summarize, write the report."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from hasten.errors import HastenError
+from hasten.train.config import TrainConfig, default_run_dir, task_config
+
+
+def _prepare(task_name: str, overrides: list[str], kind: str) -> tuple[TrainConfig, object]:
+    from hasten.tasks import get_task
+
+    task = get_task(task_name)
+    cfg = task_config(task.name, overrides)
+    if not cfg.run_dir:
+        cfg = dataclasses.replace(cfg, run_dir=default_run_dir(cfg, kind))
+    return cfg, task
+
+
+def run_train(task_name: str, overrides: list[str]):
+    from hasten.train import fit
+
+    cfg, task = _prepare(task_name, overrides, "train")
+    result = fit(task, cfg, run_dir=cfg.run_dir)
+    _print_metrics(result)
+    return result
+
+
+def run_noise_scale(task_name: str, overrides: list[str]):
+    """Train while measuring; print B_simple with its uncertainty; write report.html."""
+    from hasten.report.html import read_jsonl
+    from hasten.report.noise import noise_report
+    from hasten.train import fit
+
+    cfg, task = _prepare(task_name, overrides, "noise")
+    if cfg.noise == "off":
+        raise HastenError("noise=off measures nothing: use noise=micro or noise=per_example (or `hasten train`)")
+    result = fit(task, cfg, run_dir=cfg.run_dir)
+    est = result.noise
+    _print_metrics(result)
+    if est is None or not math.isfinite(est.b_simple):
+        print("B_simple: not measurable (|G|² was not positive over the run: train longer or use noise_horizon=-1)")
+    else:
+        lo, hi = est.interval
+        print(f"gradient noise scale B_simple = {est.b_simple:.4g}  (95% interval {lo:.4g} to {hi:.4g}, "
+              f"{est.n_steps} steps, {est.n_skipped} skipped)")
+        print(f"predicted critical batch size ~ {est.b_simple:.3g} examples (B_simple; McCandlish et al. 2018 "
+              "found B_crit within about 0.1-1x of it: an order-of-magnitude guide)")
+    summary = {"task": cfg.task, "model": cfg.model or next(iter(task.models)), "batch_size": cfg.batch_size,
+               "micro_batch_size": result.micro_batch_size if hasattr(result, "micro_batch_size") else cfg.micro_batch_size,
+               "noise source": cfg.noise, "steps": result.steps, "examples": result.examples}
+    if est is not None:
+        summary.update({k: getattr(est, k) for k in ("b_simple", "b_simple_se", "grad_sq", "trace_cov",
+                                                      "n_steps", "n_skipped", "n_eff")})
+    summary.update({k: v for k, v in result.metrics.items()})
+    run_dir = Path(result.run_dir)
+    notes = [f"Run directory: {run_dir}. Configuration: {json.dumps(dataclasses.asdict(cfg))}",
+             "B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, eq. 2.9) from two batch sizes measured at the same "
+             "parameters each step (eq. A.2), |G|² and tr(Σ) smoothed separately before dividing."]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    path = noise_report(f"hasten noise-scale: {cfg.task}", rows, summary, notes).write(run_dir / "report.html")
+    print(f"report: {path}")
+    return result
+
+
+def _print_metrics(result) -> None:
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
+    print(f"{result.steps} steps, {result.examples} examples in {result.wall_time:.1f}s: {shown}")

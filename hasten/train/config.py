@@ -1,0 +1,51 @@
+"""Training configuration: one flat set of named defaults, overridable as ``key=value``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = "digits"  # registered task name (`hasten tasks`)
+    model: str = ""  # model variant of the task ("" = the task's default, e.g. fashion: mlp or cnn)
+    data: str = ""  # data location for tasks that read files ("" = the task's default location)
+    steps: int = 1000  # optimizer steps to train
+    batch_size: int = 128  # global batch size (examples per optimizer step)
+    micro_batch_size: int = 0  # examples per backward pass; 0 = whole batch. Must divide batch_size
+    lr: float = 0.1  # peak learning rate
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9  # SGD momentum (Adam: beta1)
+    weight_decay: float = 0.0  # decoupled for adam (AdamW), L2 for sgd
+    schedule: str = "cosine"  # constant | cosine | step  (LR multiplier as a function of step)
+    warmup: int = 0  # linear LR warmup steps
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off (noise is measured before clipping)
+    eval_every: int = 200  # steps between evaluations on the test set (0 = only at the end)
+    checkpoint_every: int = 200  # steps between atomic checkpoints (0 = only at the end)
+    keep_checkpoints: bool = False  # also keep a copy of every checkpoint (with its LR) for `hasten influence`
+    seed: int = 0  # seeds model init, data order and every random draw
+    noise: str = "micro"  # noise-scale source: micro (gradient accumulation) | per_example | off
+    noise_horizon: float = 0.0  # EMA horizon in examples for the noise scale; 0 = auto (a fifth of the run's examples); -1 = running mean over the whole run
+    precondition: bool = False  # measure Adam-preconditioned gradients g/(sqrt(v_hat)+eps) instead of raw
+    run_dir: str = ""  # where metrics, checkpoints and the report go ("" = runs/<task>-<seed>)
+    progress: bool = True  # show a progress bar
+    threads: int = 0  # torch intra-op threads; 0 = leave as is
+
+
+def task_config(task_name: str, overrides) -> TrainConfig:
+    """The task's defaults (its tuned hyper-parameters) under the user's ``key=value`` overrides."""
+    from hasten.config import apply_overrides
+    from hasten.tasks import get_task
+
+    task = get_task(task_name)
+    return apply_overrides(apply_overrides(TrainConfig(task=task.name), task.defaults), overrides)
+
+
+def default_run_dir(cfg: TrainConfig, kind: str = "train") -> str:
+    """runs/<kind>-<task>-<hash of the config>: the same command finds (and resumes) the same run."""
+    import dataclasses
+    import hashlib
+    import json
+
+    keys = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("run_dir", "progress", "threads")}
+    digest = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"runs/{kind}-{cfg.task}-{digest}"

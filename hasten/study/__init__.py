@@ -1,0 +1,5 @@
+"""Batch-size studies: the critical batch fitted from steps-to-target, its regimes, and the adaptive-batch gain."""
+from hasten.study.fit import CriticalBatchFit, fit_critical_batch, scaling_regimes, wallclock_knee
+from hasten.study.gain import adaptive_batch_gain
+
+__all__ = ["CriticalBatchFit", "adaptive_batch_gain", "fit_critical_batch", "scaling_regimes", "wallclock_knee"]

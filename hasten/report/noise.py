@@ -58,7 +58,7 @@ def noise_report(title: str, rows: list[dict], summary: dict[str, Any], notes: l
         ax.set_yscale("log" if (bs > 0).all() else "linear")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        lsteps, loss = _series(rows, "loss")
+        lsteps, loss = _series(rows, "train/loss")
         ax = axes[1]
         if len(lsteps):
             smooth = dict(zip(lsteps, _smooth(loss, max(1, len(loss) // 50))))
@@ -86,7 +86,7 @@ def noise_report(title: str, rows: list[dict], summary: dict[str, Any], notes: l
             ax.grid(alpha=0.3)
         rep.figure(fig, "Each is smoothed separately from unbiased per-step estimates (eq. A.2); B_simple = tr(Σ)/|G|².")
 
-    lsteps, loss = _series(rows, "loss")
+    lsteps, loss = _series(rows, "train/loss")
     if len(lsteps):
         rep.heading("Training")
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))

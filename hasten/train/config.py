@@ -11,7 +11,8 @@ class TrainConfig:
     data: str = ""  # data location for tasks that read files ("" = the task's default location)
     steps: int = 1000  # optimizer steps to train
     batch_size: int = 128  # global batch size (examples per optimizer step)
-    micro_batch_size: int = 0  # examples per backward pass; 0 = whole batch. Must divide batch_size
+    micro_batch_size: int = 0  # examples per backward pass; must divide batch_size. 0 = whole batch (with
+    #   noise=micro: the largest divisor of batch_size that is at most batch_size/4, so the meter gets >= 4 of them)
     lr: float = 0.1  # peak learning rate
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9  # SGD momentum (Adam: beta1)
@@ -29,6 +30,7 @@ class TrainConfig:
     run_dir: str = ""  # where metrics, checkpoints and the report go ("" = runs/<task>-<seed>)
     progress: bool = True  # show a progress bar
     threads: int = 0  # torch intra-op threads; 0 = leave as is
+    device: str = ""  # torch device to train on ("" = cuda if available, else cpu)
 
 
 def task_config(task_name: str, overrides) -> TrainConfig:

@@ -1,0 +1,279 @@
+"""The training loop: one function, read top to bottom (nanoGPT-style).
+
+Per step: set LR (schedule) → ``batch_start`` → micro-batch loop (forward, loss × share of the batch, backward,
+``after_backward``) → ``before_optimizer_step`` (the noise scale is measured here, before clipping) → clip →
+optimizer step (skipped when the loss is not finite) → ``batch_end`` → evaluate when due → log the row →
+checkpoint when due. Evaluating and checkpointing at the *end* of step N puts the eval numbers in row N and lets
+a resumed run start at step N+1 without repeating anything.
+
+Exact resume: the checkpoint holds the model, optimizer, sampler position, every global RNG state and the
+callbacks' states, taken between two steps; evaluation runs under ``fork_rng`` so it draws nothing from the
+training RNG. A run killed at any point and started again with the same call ends bit-identical (same device,
+same thread count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hasten.errors import HastenError
+from hasten.measure.noise_scale import NoiseScaleEstimate
+from hasten.tasks.base import Task
+from hasten.train.checkpoint import encode_checkpoint, load_checkpoint, rng_state, set_rng_state
+from hasten.train.checkpoint import stale_temp_files, write_atomic
+from hasten.train.config import TrainConfig, default_run_dir
+from hasten.train.events import Callbacks, LoopState
+from hasten.train.logger import METRICS, RunLogger, Stopwatch, truncate_jsonl, write_json
+from hasten.train.noise_callback import NoiseScaleCallback, horizon_from_config
+from hasten.train.sampler import EpochSampler, gather
+from hasten.train.schedule import make_schedule
+
+CHECKPOINT = "checkpoint-latest.pt"
+CHECKPOINTS_LOG = "checkpoints.jsonl"  # with keep_checkpoints: {step, path, lr} per kept copy (for TracIn)
+MAX_NONFINITE = 20  # consecutive non-finite steps before giving up
+EVAL_BATCH = 1024
+# Settings that may differ between a run and its resume: they do not change the training (device and threads
+# may change the last bits of the numbers).
+RESUMABLE_CHANGES = {"progress", "threads", "run_dir", "data", "device", "eval_every", "checkpoint_every",
+                     "keep_checkpoints"}
+# LoopState fields saved in a checkpoint and restored on resume.
+SAVED_STATE = ("step", "examples", "epoch", "batch_size", "micro_batch_size", "lr", "loss", "should_stop",
+               "nonfinite_steps")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    metrics: dict  # the last evaluation: {"eval/loss": ..., "eval/<metric>": ...}
+    loss: float  # training loss of the last step
+    steps: int
+    examples: int
+    noise: NoiseScaleEstimate | None  # None with noise=off
+    run_dir: Path
+    wall_time: float  # seconds, summed over resumed segments
+    micro_batch_size: int  # examples per backward pass (0 = the whole batch)
+
+
+def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir: str | Path | None = None,
+        resume: bool = True) -> FitResult:
+    """Train ``task``'s model under ``cfg``, resuming from ``run_dir``'s checkpoint when there is one."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    micro = micro_batch_size(cfg)
+    train, test = task.load(cfg.data or None)
+    if cfg.batch_size > len(train):
+        raise HastenError(f"batch_size={cfg.batch_size} is larger than {task.name}'s training set ({len(train)} "
+                          f"examples): use batch_size <= {len(train)}")
+    schedule = make_schedule(cfg.schedule, cfg.steps, cfg.warmup)
+    seed_everything(cfg.seed)
+    model = task.make_model(cfg.model or None).to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    sampler = EpochSampler(len(train), cfg.seed)
+
+    run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg))  # touched only once the settings are valid
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = prepare_run_dir(run_dir, cfg, resume)
+    callbacks = list(callbacks)
+    if cfg.noise != "off" and not any(isinstance(c, NoiseScaleCallback) for c in callbacks):
+        callbacks.insert(0, NoiseScaleCallback(cfg.noise, horizon_from_config(cfg), cfg.precondition))
+    callbacks = Callbacks(callbacks)
+    state = LoopState(model, optimizer, cfg, task, run_dir, device, len(train), cfg.batch_size, micro)
+    last_eval: dict = {}
+    stopwatch = Stopwatch()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+        for key in SAVED_STATE:
+            setattr(state, key, ckpt[key])
+        last_eval, stopwatch = ckpt["last_eval"], Stopwatch(ckpt["time"])
+    write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "task": task.name, "micro_batch_size": micro,
+                                         "device": str(device), "train_size": len(train), "test_size": len(test),
+                                         "torch_version": torch.__version__})
+
+    model.train()
+    nonfinite_streak = 0
+    with RunLogger(run_dir, cfg.steps, state.step, cfg.progress) as logger:
+        callbacks.fire("fit_start", state)
+        if ckpt is not None:
+            callbacks.load_state_dict(ckpt["callbacks"])
+            set_rng_state(ckpt["rng"])
+        while state.step < cfg.steps and not state.should_stop:
+            state.metrics = {"step": state.step + 1}  # the row logged for this step
+            state.lr = cfg.lr * schedule(state.step)
+            callbacks.fire("batch_start", state)  # may change state.batch_size / state.lr
+            for group in optimizer.param_groups:
+                group["lr"] = state.lr
+            check_micro(state.batch_size, state.micro_batch_size)
+            batch = gather(train, sampler.next_batch(state.batch_size))
+            inputs, targets = state.batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            n = len(inputs)
+
+            loss_sum, micro = torch.zeros((), device=device), state.micro_batch_size or n
+            for x, y in zip(inputs.split(micro), targets.split(micro)):
+                loss = task.loss(model(x), y) * (len(x) / n)  # each micro-batch's share: .grad is the batch mean
+                loss.backward()
+                loss_sum += loss.detach()
+                callbacks.fire("after_backward", state)
+            callbacks.fire("before_optimizer_step", state)
+
+            state.loss = loss_sum.item()
+            finite = math.isfinite(state.loss)
+            if finite and cfg.grad_clip > 0:
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                state.metrics["grad_norm"] = grad_norm
+                finite = math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                nonfinite_streak = 0
+            else:
+                nonfinite_streak += 1
+                state.nonfinite_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            state.step, state.examples, state.epoch = state.step + 1, state.examples + n, sampler.epoch
+            state.metrics.update({"step": state.step, "examples": state.examples, "epoch": state.epoch,
+                                  "lr": state.lr, "batch_size": n, "train/loss": state.loss,
+                                  "nonfinite_steps": state.nonfinite_steps, "time": stopwatch()})
+            callbacks.fire("batch_end", state)
+
+            final = state.step == cfg.steps or state.should_stop
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or final:
+                last_eval = evaluate(model, task, test)
+                state.metrics.update(last_eval)
+                callbacks.fire("evaluate", state)
+            logger.log(state.metrics)
+            if nonfinite_streak >= MAX_NONFINITE:
+                raise HastenError(f"loss is not finite for {MAX_NONFINITE} steps in a row at step {state.step}: "
+                                  f"lower lr={cfg.lr}; the last good checkpoint is kept in {run_dir}")
+            # No checkpoint inside a non-finite streak, so the latest one is always a good one.
+            if ((cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or final) and not nonfinite_streak:
+                save(run_dir, snapshot(state, sampler, callbacks, last_eval, stopwatch()), cfg.keep_checkpoints)
+                callbacks.fire("checkpoint", state)
+        callbacks.fire("fit_end", state)
+
+    noise = callbacks.find(NoiseScaleCallback)
+    return FitResult(last_eval, state.loss, state.step, state.examples, noise.estimate() if noise else None,
+                     run_dir, stopwatch(), state.micro_batch_size)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = EVAL_BATCH) -> dict:
+    """Mean loss and mean metric over ``dataset`` in eval mode; draws nothing from the global RNGs."""
+    if len(dataset) == 0:
+        return {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    metric_sum = torch.zeros((), dtype=torch.float64, device=device)
+    metric_count = 0
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        for start in range(0, len(dataset), batch_size):
+            x, y = (t.to(device) for t in gather(dataset, torch.arange(start, min(start + batch_size, len(dataset)))))
+            outputs = model(x)
+            loss_sum += task.loss(outputs, y).double() * len(x)  # task.loss is a batch mean
+            metric = task.metric(outputs, y)
+            metric_sum += metric.double().sum()
+            metric_count += metric.numel()
+    model.train(was_training)
+    return {"eval/loss": loss_sum.item() / len(dataset), f"eval/{task.metric_name}": metric_sum.item() / metric_count}
+
+
+def snapshot(state: LoopState, sampler: EpochSampler, callbacks: Callbacks, last_eval: dict, time: float) -> dict:
+    """Everything a resumed run needs to continue exactly from between two steps."""
+    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "sampler": sampler.state_dict(), "rng": rng_state(), "callbacks": callbacks.state_dict(),
+            "cfg": dataclasses.asdict(state.cfg), "last_eval": last_eval, "time": time,
+            **{k: getattr(state, k) for k in SAVED_STATE}}
+
+
+def save(run_dir: Path, payload: dict, keep: bool) -> None:
+    """Write checkpoint-latest.pt atomically; with ``keep`` also checkpoint-step{N}.pt, logged with its LR."""
+    data = encode_checkpoint(payload)
+    write_atomic(run_dir / CHECKPOINT, data)
+    if keep:
+        name = f"checkpoint-step{payload['step']}.pt"
+        write_atomic(run_dir / name, data)
+        with open(run_dir / CHECKPOINTS_LOG, "a") as f:
+            f.write(json.dumps({"step": payload["step"], "path": name, "lr": payload["lr"]}) + "\n")
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> dict | None:
+    """The checkpoint to resume from (outputs after it are dropped), or None after clearing earlier outputs."""
+    for tmp in stale_temp_files(run_dir):  # left by a write that was killed midway
+        tmp.unlink()
+    path = run_dir / CHECKPOINT
+    if resume and path.exists():
+        ckpt = load_checkpoint(path)
+        current = dataclasses.asdict(cfg)
+        changed = sorted(k for k in ckpt["cfg"].keys() & current.keys()
+                         if k not in RESUMABLE_CHANGES and ckpt["cfg"][k] != current[k])
+        if changed:
+            k = changed[0]
+            raise HastenError(f"{run_dir} holds a run with other settings ({k}={ckpt['cfg'][k]!r}, now "
+                              f"{current[k]!r}): use a new run_dir, or pass resume=False to start over there")
+        truncate_jsonl(run_dir / METRICS, ckpt["step"])
+        truncate_jsonl(run_dir / CHECKPOINTS_LOG, ckpt["step"])
+        return ckpt
+    for old in [path, run_dir / METRICS, run_dir / CHECKPOINTS_LOG, *run_dir.glob("checkpoint-step*.pt")]:
+        old.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    return None
+
+
+def micro_batch_size(cfg: TrainConfig) -> int:
+    """The micro-batch size to use (0 = the whole batch). noise=micro with micro_batch_size=0 picks the largest
+    divisor of batch_size that is at most batch_size/4: at least 4 micro-batches give the meter its small batches
+    at no extra compute."""
+    b, m = cfg.batch_size, cfg.micro_batch_size
+    if cfg.noise not in ("micro", "per_example", "off"):
+        raise HastenError(f"noise={cfg.noise!r}: choose micro, per_example or off")
+    check_micro(b, m)
+    if cfg.noise == "micro":
+        if m == 0:
+            m = max(d for d in range(1, max(b // 4, 1) + 1) if b % d == 0)
+        if m >= b:
+            raise HastenError(f"noise=micro needs micro_batch_size < batch_size={b} (got {m}): set a smaller "
+                              "micro_batch_size, a batch_size of at least 2, or noise=per_example or noise=off")
+    return m
+
+
+def check_micro(batch_size: int, micro: int) -> None:
+    if batch_size < 1:
+        raise HastenError(f"batch_size={batch_size} must be at least 1")
+    if micro < 0 or micro > batch_size or (micro and batch_size % micro):
+        raise HastenError(f"micro_batch_size={micro} must divide batch_size={batch_size} (0 = the whole batch)")
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":  # L2 weight decay, heavy-ball momentum
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":  # decoupled weight decay (Loshchilov & Hutter 2019)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    raise HastenError(f"optimizer={cfg.optimizer!r}: choose sgd or adam")
+
+
+def resolve_device(name: str) -> torch.device:
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HastenError(f"device={name} but no CUDA GPU is visible: use device=cpu or leave device unset")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

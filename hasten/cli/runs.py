@@ -47,8 +47,9 @@ def run_noise_scale(task_name: str, overrides: list[str]):
         lo, hi = est.interval
         print(f"gradient noise scale B_simple = {est.b_simple:.4g}  (95% interval {lo:.4g} to {hi:.4g}, "
               f"{est.n_steps} steps, {est.n_skipped} skipped)")
-        print(f"predicted critical batch size ~ {est.b_simple:.3g} examples (B_simple; McCandlish et al. 2018 "
-              "found B_crit within about 0.1-1x of it: an order-of-magnitude guide)")
+        print(f"predicted critical batch size: of the order of {est.b_simple:.3g} examples (B_simple is an "
+              "order-of-magnitude guide: McCandlish et al. 2018, Table 1, measured B_crit at 0.1-0.5x B_simple; "
+              "`hasten study batch-size` measures B_crit)")
     summary = {"task": cfg.task, "model": cfg.model or next(iter(task.models)), "batch_size": cfg.batch_size,
                "micro_batch_size": result.micro_batch_size if hasattr(result, "micro_batch_size") else cfg.micro_batch_size,
                "noise source": cfg.noise, "steps": result.steps, "examples": result.examples}
@@ -60,6 +61,7 @@ def run_noise_scale(task_name: str, overrides: list[str]):
     notes = [f"Run directory: {run_dir}. Configuration: {json.dumps(dataclasses.asdict(cfg))}",
              "B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, eq. 2.9) from two batch sizes measured at the same "
              "parameters each step (eq. A.2), |G|² and tr(Σ) smoothed separately before dividing."]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     rows = read_jsonl(run_dir / "metrics.jsonl")
     path = noise_report(f"hasten noise-scale: {cfg.task}", rows, summary, notes).write(run_dir / "report.html")
     print(f"report: {path}")

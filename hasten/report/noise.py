@@ -52,7 +52,10 @@ def noise_report(title: str, rows: list[dict], summary: dict[str, Any], notes: l
         ax = axes[0]
         ax.plot(steps, bs, color="C0", label="B_simple (smoothed |G|² and tr Σ, then divided)")
         if len(bse) == len(bs):
-            ax.fill_between(steps, bs - 1.96 * bse, bs + 1.96 * bse, color="C0", alpha=0.2, label="95% interval")
+            lo = bs - 1.96 * bse
+            if (bs > 0).all():  # log axis: show the part of the interval above zero
+                lo = np.maximum(lo, bs.min() / 10)
+            ax.fill_between(steps, lo, bs + 1.96 * bse, color="C0", alpha=0.2, label="95% interval")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("B_simple (examples)")
         ax.set_yscale("log" if (bs > 0).all() else "linear")

@@ -1,0 +1,56 @@
+"""The task registry: built-in tasks by name, and `register` for your own.
+
+Importing this module reads no data: each task loads (and caches in-process) on its first ``task.load(path)``.
+
+>>> from hasten.tasks import get_task
+>>> task = get_task("digits")
+>>> train, test = task.load(None)
+>>> task.make_model()(train.tensors[0][:2]).shape
+torch.Size([2, 10])
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from hasten.errors import HastenError
+from hasten.tasks import digits, fashion, mnist1d_task, shakespeare
+from hasten.tasks.base import Task
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task, replace: bool = False) -> Task:
+    """Add ``task`` under its name; registering a taken name is an error unless ``replace``."""
+    if task.name in TASKS and not replace and TASKS[task.name] is not task:
+        raise HastenError(f"a task named {task.name!r} is already registered; pick another name or replace=True")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task ``name``; an unknown name raises :class:`HastenError` listing the known ones."""
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise HastenError(f"unknown task {name!r}; {hint}choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_table() -> list[dict[str, Any]]:
+    """One row per task for `hasten tasks`: name, description, size, models, data_present, data_hint."""
+    rows = []
+    for task in TASKS.values():
+        try:
+            present = bool(task.available(None))
+        except Exception:  # a user task's check that fails means the data is not usable
+            present = False
+        rows.append(dict(name=task.name, description=task.description, size=task.size, models=list(task.models),
+                         data_present=present, data_hint=task.data_hint))
+    return rows
+
+
+for _module in (digits, fashion, mnist1d_task, shakespeare):
+    register(_module.TASK)
+
+__all__ = ["TASKS", "Task", "get_task", "register", "task_table"]

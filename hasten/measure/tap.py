@@ -1,0 +1,186 @@
+"""Noise scale from gradient accumulation, in one process, at no extra backward pass.
+
+With k micro-batches per optimizer step, each backward's own gradient is a batch of B/k examples (B_small) and the
+accumulated ``.grad`` is the batch of B (B_big), both measured at the same parameters (McCandlish et al. 2018,
+arXiv:1812.06162, App. A.1). A tensor hook on each trainable parameter sees the gradient of one backward before it is
+added into ``.grad``; it only queues that gradient's norm (no host sync); :meth:`MicroBatchTap.step` reduces them and
+reads two scalars (one sync per optimizer step).
+
+>>> tap = MicroBatchTap(model)                     # doctest: +SKIP
+>>> for x, y in micro_batches:                      # doctest: +SKIP
+...     (loss_fn(model(x), y) / len(micro_batches)).backward()
+>>> tap.step(batch_size)                            # before clipping and optimizer.step()   # doctest: +SKIP
+>>> tap.noise.compute().b_simple                    # doctest: +SKIP
+
+The number of micro-batches k is the most gradients any one parameter received since the last ``step``: parameters
+unused in some micro-batches and activation checkpointing are fine, and every backward (or ``torch.autograd.grad``)
+through the model counts. Zero ``.grad`` (or set it to None) before the first micro-batch, as usual. With
+``torch.amp.GradScaler`` call ``step`` before ``scaler.unscale_(optimizer)`` and pass ``loss_scale=scaler.get_scale()``.
+With DistributedDataParallel use :func:`hasten.measure.attach_ddp_noise` instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from hasten.errors import HastenError
+from hasten.measure.noise_scale import NoiseScale
+from hasten.measure.precondition import AdamPreconditioner
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def micro_batch_pair(
+    sq_micro_sum: torch.Tensor, sq_accumulated: torch.Tensor, k: int, divisor: float, loss_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|G_small|², |G_big|²) from k micro-batch backwards of a loss divided by ``divisor``.
+
+    ``sq_micro_sum`` = Σ_j |∇(L_j/divisor)|² over the k backwards, ``sq_accumulated`` = |Σ_j ∇(L_j/divisor)|²
+    (the accumulated ``.grad``); both still multiplied by ``loss_scale``. Micro-batch j's mean gradient is
+    divisor·∇(L_j/divisor) and the batch's is (divisor/k)·.grad.
+    """
+    unscale = 1.0 / (loss_scale * loss_scale)
+    sq_small = sq_micro_sum * (divisor * divisor / k * unscale)
+    sq_big = sq_accumulated * ((divisor / k) ** 2 * unscale)
+    return sq_small, sq_big
+
+
+class MicroBatchTap:
+    """Feeds a :class:`NoiseScale` from the micro-batches of gradient accumulation.
+
+    Args:
+        model: the module being trained (not a DistributedDataParallel wrapper).
+        noise: the estimator to feed; a running-mean ``NoiseScale()`` if None.
+        precondition: an Adam/AdamW optimizer: measure P⊙g with P = 1/(√v̂+ε) from its state (steps are skipped
+            until it has state).
+        every: measure one optimizer step in ``every``; on the others the hooks return at once. The overhead
+            (about one extra read of each micro-batch gradient) shrinks by that factor, the estimate stays unbiased.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, noise: NoiseScale | None = None, *, precondition=None, every: int = 1
+    ):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise HastenError(
+                "MicroBatchTap sees one process's micro-batches: with DistributedDataParallel use "
+                "hasten.measure.attach_ddp_noise(ddp_model)"
+            )
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if not self._params:
+            raise HastenError("the model has no trainable parameters: there is no gradient noise to measure")
+        self.noise = noise if noise is not None else NoiseScale()
+        self._precondition = AdamPreconditioner(precondition, self._params) if precondition is not None else None
+        devices = {p.device for p in self._params}
+        self._device = self._params[0].device if len(devices) > 1 else None  # gather here if spread out
+        self._norm_dtype = torch.float32 if any(p.dtype in _LOW_PRECISION for p in self._params) else None
+        self._norms: list[torch.Tensor] = []  # one per (backward, parameter): that backward's own gradient norm
+        self._counts = [0] * len(self._params)  # gradients each parameter received since the last step
+        self._scales: dict[int, torch.Tensor | None] = {}  # preconditioner per parameter, read once per step
+        if every < 1:
+            raise HastenError(f"every must be a positive number of steps, got {every}")
+        self.every, self._steps = every, 0
+        self._active = [True]  # whether the hooks measure this step (a list: the hooks hold it)
+        self._handles = [p.register_hook(self._make_hook(i, p)) for i, p in enumerate(self._params)]
+
+    def _make_hook(self, index: int, param: torch.Tensor):
+        norms, counts, active, norm = self._norms, self._counts, self._active, torch.linalg.vector_norm
+        dtype = torch.float32 if param.dtype in _LOW_PRECISION else None
+        if self._precondition is None:
+
+            def hook(grad):
+                if active[0]:
+                    norms.append(norm(_dense(grad), dtype=dtype))
+                    counts[index] += 1
+
+        else:
+
+            def hook(grad):
+                if active[0]:
+                    scale = self._scale(index)
+                    norms.append(norm((grad.to_dense() if grad.is_sparse else grad) * scale, dtype=dtype))
+                    counts[index] += 1
+
+        return hook
+
+    def _scale(self, index: int) -> torch.Tensor:
+        if index not in self._scales:
+            self._scales[index] = self._precondition(self._params[index])
+        scale = self._scales[index]
+        return scale if scale is not None else torch.nan  # optimizer not stepped yet: this step is skipped
+
+    def step(
+        self,
+        batch_size: int,
+        *,
+        loss_scale: float = 1.0,
+        accumulation_steps: int | None = None,
+        micro_batch_sizes=None,
+    ) -> bool:
+        """Measure the micro-batches since the last call; call after the last backward, before clipping.
+
+        Args:
+            batch_size: examples in this optimizer step (all micro-batches together).
+            loss_scale: the factor the loss was multiplied by before backward (AMP: ``scaler.get_scale()``).
+            accumulation_steps: what each micro-batch loss was divided by (default: the number of backward passes
+                counted since the last call; pass 1 if the losses were not divided).
+            micro_batch_sizes: the micro-batch sizes, if known; the step is skipped when they differ.
+
+        Returns whether the step was measured: False (no error) with fewer than two backwards, unequal micro-batches,
+        or an optimizer without state yet when preconditioning; also False for non-finite norms, which the
+        estimator counts as skipped steps.
+        """
+        norms, k, scales = self._norms[:], max(self._counts), self._scales
+        self._norms.clear()
+        self._counts[:] = [0] * len(self._counts)
+        self._scales = {}
+        self._steps += 1
+        self._active[0] = self._steps % self.every == 0
+        if not loss_scale > 0:
+            raise HastenError(f"loss_scale must be positive, got {loss_scale}")
+        if micro_batch_sizes is not None:
+            sizes = [int(s) for s in micro_batch_sizes]
+            if sum(sizes) != batch_size:
+                raise HastenError(f"micro_batch_sizes sum to {sum(sizes)}, not batch_size={batch_size}")
+            if len(sizes) != k or len(set(sizes)) != 1:
+                return False
+        if k < 2 or not norms or batch_size % k:
+            return False
+        grads = []
+        for i, p in enumerate(self._params):
+            if p.grad is not None:
+                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                if self._precondition is not None:
+                    scale = scales[i] if i in scales else self._precondition(p)
+                    if scale is None:  # the optimizer has not stepped yet
+                        return False
+                    g = g * scale
+                grads.append(g)
+        sq_micro_sum = self._sum_sq(norms)
+        if grads:
+            sq_accumulated = self._sum_sq(torch._foreach_norm(grads, 2, dtype=self._norm_dtype))
+        else:
+            sq_accumulated = torch.zeros_like(sq_micro_sum)
+        divisor = accumulation_steps if accumulation_steps is not None else k
+        pair = torch.stack(micro_batch_pair(sq_micro_sum, sq_accumulated, k, divisor, loss_scale))
+        sq_small, sq_big = pair.tolist()  # the one host sync
+        return self.noise.update(sq_small=sq_small, b_small=batch_size // k, sq_big=sq_big, b_big=batch_size)
+
+    def _sum_sq(self, norms) -> torch.Tensor:
+        if self._device is not None:
+            norms = [n.to(self._device) for n in norms]
+        return torch.stack(norms).square().sum()
+
+    def remove(self) -> None:
+        """Remove the hooks (the estimator keeps its state)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict:
+        return self.noise.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.noise.load_state_dict(state)

@@ -19,6 +19,12 @@ commands:
                                  critical-batch-size estimate and write report.html in the run directory
   train TASK [key=value]         train TASK (same keys as noise-scale)
   config TASK                    show every key with the task's default value
+  influence TASK run=RUN_DIR [test_index=i] [k=20]
+                                 TracIn self-influence ranking (likely mislabels) from a run's kept
+                                 checkpoints; with test_index, its proponents and opponents
+  study batch-size TASK [key=value]
+                                 steps/examples/time to a target per batch size (LR tuned per batch),
+                                 the critical batch fitted, and the one-run B_simple beside it
 
 Keys are those of `hasten config TASK` (e.g. steps=2000 batch_size=256 lr=0.05 run_dir=runs/x).
 Run the same command again to resume an interrupted run from its last checkpoint."""
@@ -86,6 +92,24 @@ def _train(args: list[str], measure: bool) -> int:
     return 0
 
 
+def _study(args: list[str]) -> int:
+    if len(args) < 2 or args[0] != "batch-size" or "=" in args[1]:
+        raise HastenError("usage: hasten study batch-size TASK [key=value ...]")
+    from hasten.study import run_study
+
+    run_study(args[1], args[2:])
+    return 0
+
+
+def _influence(args: list[str]) -> int:
+    if not args or "=" in args[0]:
+        raise HastenError("usage: hasten influence TASK run=RUN_DIR [test_index=i] [k=20]")
+    from hasten.influence.run import run_influence
+
+    print(f"report: {run_influence(args[0], args[1:])}")
+    return 0
+
+
 def _no_args(cmd: str, args: list[str]) -> None:
     if args:
         raise HastenError(f"`hasten {cmd}` takes no arguments, got {' '.join(args)}")
@@ -97,6 +121,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "config": _config,
     "noise-scale": lambda a: _train(a, measure=True),
     "train": lambda a: _train(a, measure=False),
+    "study": _study,
+    "influence": _influence,
 }
 
 

@@ -1,0 +1,133 @@
+"""Step time with the noise-scale meter ÷ without (issue 2 targets: ≤1.03 micro-batch, ≤1.01 DDP).
+
+    python benchmarks/bench_noise_overhead.py            # single process: fashion MLP, batch 256, 4 micro-batches
+    python benchmarks/bench_noise_overhead.py --every 4  # measure one step in 4 (unbiased, less overhead)
+    python benchmarks/bench_noise_overhead.py --ddp      # 2 gloo processes under torchrun, per-rank batch 128
+
+Both variants train the same model on the same real Fashion-MNIST batches, interleaved in blocks (ABAB...) so drifts
+in machine load hit both alike; the ratio of medians over blocks is reported with its spread (min-max over blocks).
+Warm-up blocks are excluded. One thread per process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from hasten.measure import MicroBatchTap, attach_ddp_noise
+from hasten.tasks import get_task
+
+
+def _setup(seed: int = 0):
+    task = get_task("fashion")
+    train, _ = task.load(None)
+    torch.manual_seed(seed)
+    model = task.make_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = train.tensors
+    return task, model, opt, x, y
+
+
+def _block(step, x, y, batch: int, steps: int, g: torch.Generator) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=g)
+        step(x[idx], y[idx])
+    return (time.perf_counter() - t0) / steps
+
+
+def single(blocks: int, steps: int, every: int = 1) -> dict:
+    torch.set_num_threads(1)
+    task, model, opt, x, y = _setup()
+    tap = MicroBatchTap(model, every=every)
+
+    def train_step(xb, yb, measure: bool):
+        for xm, ym in zip(xb.chunk(4), yb.chunk(4)):
+            (task.loss(model(xm), ym) / 4).backward()
+        if measure:
+            tap.step(len(xb))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    g = torch.Generator().manual_seed(0)
+    with_meter, without = [], []
+    for b in range(blocks + 2):
+        tap.remove()
+        t_off = _block(lambda a, c: train_step(a, c, False), x, y, 256, steps, g)
+        tap = MicroBatchTap(model, tap.noise, every=every)
+        t_on = _block(lambda a, c: train_step(a, c, True), x, y, 256, steps, g)
+        if b >= 2:  # warm-up blocks excluded
+            without.append(t_off)
+            with_meter.append(t_on)
+    ratios = [a / b for a, b in zip(with_meter, without)]
+    return {"source": f"micro-batch (4 x 64), every={every}", "step_ms_without": 1e3 * statistics.median(without),
+            "step_ms_with": 1e3 * statistics.median(with_meter), "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "blocks": blocks, "steps_per_block": steps,
+            "b_simple": tap.noise.compute().b_simple}
+
+
+def ddp_worker(blocks: int, steps: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    task, model, opt, x, y = _setup()
+    plain = torch.nn.parallel.DistributedDataParallel(model)
+    hooked = torch.nn.parallel.DistributedDataParallel(model)
+    state = attach_ddp_noise(hooked)
+
+    def train_step(ddp, xb, yb, measure: bool):
+        task.loss(ddp(xb), yb).backward()
+        if measure:
+            state.step(len(xb))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    g = torch.Generator().manual_seed(rank)
+    with_meter, without = [], []
+    for b in range(blocks + 2):
+        dist.barrier()
+        t_off = _block(lambda a, c: train_step(plain, a, c, False), x, y, 128, steps, g)
+        dist.barrier()
+        t_on = _block(lambda a, c: train_step(hooked, a, c, True), x, y, 128, steps, g)
+        if b >= 2:
+            without.append(t_off)
+            with_meter.append(t_on)
+    ratios = [a / b for a, b in zip(with_meter, without)]
+    if rank == 0:
+        print(json.dumps({"source": "DDP hook (2 ranks x 128)", "step_ms_without": 1e3 * statistics.median(without),
+                          "step_ms_with": 1e3 * statistics.median(with_meter),
+                          "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                          "ratio_max": max(ratios), "blocks": blocks, "steps_per_block": steps,
+                          "b_simple": state.noise.compute().b_simple}))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ddp", action="store_true")
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--blocks", type=int, default=10)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--every", type=int, default=1, help="measure one step in N (micro-batch source)")
+    a = p.parse_args()
+    if a.worker:
+        return ddp_worker(a.blocks, a.steps)
+    if a.ddp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--master_port=29533", __file__, "--worker", f"--blocks={a.blocks}",
+                              f"--steps={a.steps}"], env=env, capture_output=True, text=True, check=True)
+        print(out.stdout.strip().splitlines()[-1])
+    else:
+        print(json.dumps(single(a.blocks, a.steps, a.every)))
+
+
+if __name__ == "__main__":
+    main()

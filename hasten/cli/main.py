@@ -106,7 +106,7 @@ def _influence(args: list[str]) -> int:
         raise HastenError("usage: hasten influence TASK run=RUN_DIR [test_index=i] [k=20]")
     from hasten.influence.run import run_influence
 
-    print(f"report: {run_influence(args[0], args[1:])}")
+    run_influence(args[0], args[1:])  # prints the likely mislabels and where the report is
     return 0
 
 

@@ -19,6 +19,16 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled for adam (AdamW), L2 for sgd
     schedule: str = "cosine"  # constant | cosine | step  (LR multiplier as a function of step)
     warmup: int = 0  # linear LR warmup steps
+    # Batch-size schedule (hasten.schedules). With any but fixed, the run is steps × batch_size examples long and
+    # progress is counted in steps of batch_size examples: bigger batches mean fewer optimizer steps.
+    batch: str = "fixed"  # fixed | increase (grow the batch where `schedule` decays the LR) | adaptive | stages
+    batch_max: int = 0  # increase, adaptive: largest global batch (0 = the training set); increase: LR decays past it
+    batch_min: int = 0  # adaptive: smallest global batch (0 = batch_size)
+    batch_rule: str = "linear"  # adaptive: linear (B = c·B_simple) | sqrt (B = c·√(batch_size·B_simple))
+    batch_scale: float = 1.0  # adaptive: c in batch_rule (B_simple ≈ B_crit within ~10×, McCandlish et al.)
+    batch_gain: float = 0.05  # adaptive: change the batch only for at least this predicted relative gain
+    batch_lr_rule: str = "adascale"  # adaptive: none | linear | sqrt | adascale | noise_lr | noise_momentum
+    batch_stages: tuple[str, ...] = ()  # stages: rows until:batch[:lr_mult[:momentum]], until a fraction of the run
     grad_clip: float = 0.0  # max global gradient norm; 0 = off (noise is measured before clipping)
     eval_every: int = 200  # steps between evaluations on the test set (0 = only at the end)
     checkpoint_every: int = 200  # steps between atomic checkpoints (0 = only at the end)
@@ -31,6 +41,7 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     threads: int = 0  # torch intra-op threads; 0 = leave as is
     device: str = ""  # torch device to train on ("" = cuda if available, else cpu)
+    methods: str = ""  # speedup methods to compose, e.g. label_smoothing,ema:half_life=200 (`hasten methods`)
 
 
 def task_config(task_name: str, overrides) -> TrainConfig:

@@ -3,19 +3,21 @@
 The loop fires, in order::
 
     fit_start
-    per step: batch_start → (after_backward per micro-batch) → before_optimizer_step → batch_end
-              → evaluate (when it evaluates) → checkpoint (after the file is written)
+    per step: batch_start → batch_ready → (after_backward per micro-batch) → before_optimizer_step → batch_end
+              → before_evaluate → evaluate (when it evaluates) → checkpoint (after the file is written)
     fit_end
 
-``before_optimizer_step`` sees the accumulated gradient of the mean loss over the batch, unscaled and *before*
-clipping (Lightning's ``on_before_optimizer_step``); ``after_backward`` fires after each micro-batch's backward,
-when ``.grad`` holds the sum of the micro-batches so far (each scaled by its share of the batch).
+``batch_ready`` fires once the batch is drawn: a callback may replace ``state.batch`` there (speedup methods:
+MixUp, resizing, selective backprop...). ``before_optimizer_step`` sees the accumulated gradient of the mean loss
+over the batch, unscaled and *before* clipping (Lightning's ``on_before_optimizer_step``); ``after_backward``
+fires after each micro-batch's backward, when ``.grad`` holds the sum of the micro-batches so far (each scaled by
+its share of the batch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,9 +29,11 @@ from hasten.train.config import TrainConfig
 EVENTS = (
     "fit_start",
     "batch_start",
+    "batch_ready",
     "after_backward",
     "before_optimizer_step",
     "batch_end",
+    "before_evaluate",
     "evaluate",
     "checkpoint",
     "fit_end",
@@ -63,6 +67,10 @@ class LoopState:
     batch: tuple | None = None
     should_stop: bool = False  # a callback sets it to end the run after this step (evaluated and checkpointed)
     nonfinite_steps: int = 0  # steps skipped so far because the loss (or the clipped norm) was not finite
+    loss_fn: Callable | None = None  # training loss (outputs, targets) -> batch mean; methods may replace it
+    closure: Callable | None = None  # closure() redoes forward + backward on state.batch (SAM's second pass)
+    train_set: Any = None  # the training dataset (SortaGrad reorders the first epoch)
+    evaluate_now: bool = False  # a callback sets it at batch_end to have this step evaluated
 
 
 class Callback:
@@ -76,9 +84,11 @@ class Callback:
 
     def on_fit_start(self, state: LoopState) -> None: ...
     def on_batch_start(self, state: LoopState) -> None: ...
+    def on_batch_ready(self, state: LoopState) -> None: ...
     def on_after_backward(self, state: LoopState) -> None: ...
     def on_before_optimizer_step(self, state: LoopState) -> None: ...
     def on_batch_end(self, state: LoopState) -> None: ...
+    def on_before_evaluate(self, state: LoopState) -> None: ...
     def on_evaluate(self, state: LoopState) -> None: ...
     def on_checkpoint(self, state: LoopState) -> None: ...
     def on_fit_end(self, state: LoopState) -> None: ...

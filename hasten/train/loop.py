@@ -28,7 +28,9 @@ from torch import nn
 
 from hasten.errors import HastenError
 from hasten.measure.noise_scale import NoiseScaleEstimate
+from hasten.methods import build_methods
 from hasten.tasks.base import Task
+from hasten.train.batch_callback import BatchScheduleCallback
 from hasten.train.checkpoint import encode_checkpoint, load_checkpoint, rng_state, set_rng_state
 from hasten.train.checkpoint import stale_temp_files, write_atomic
 from hasten.train.config import TrainConfig, default_run_dir
@@ -77,6 +79,9 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     schedule = make_schedule(cfg.schedule, cfg.steps, cfg.warmup)
     seed_everything(cfg.seed)
     model = task.make_model(cfg.model or None).to(device)
+    methods = build_methods(cfg.methods, task, model)  # speedup methods (`hasten methods`), in stage order
+    for method in methods:
+        method.prepare_model(model)  # module swaps, before the optimizer and the checkpoint see the model
     optimizer = make_optimizer(cfg, model.parameters())
     sampler = EpochSampler(len(train), cfg.seed)
 
@@ -86,8 +91,26 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     callbacks = list(callbacks)
     if cfg.noise != "off" and not any(isinstance(c, NoiseScaleCallback) for c in callbacks):
         callbacks.insert(0, NoiseScaleCallback(cfg.noise, horizon_from_config(cfg), cfg.precondition))
-    callbacks = Callbacks(callbacks)
-    state = LoopState(model, optimizer, cfg, task, run_dir, device, len(train), cfg.batch_size, micro)
+    if cfg.batch != "fixed" and not any(isinstance(c, BatchScheduleCallback) for c in callbacks):
+        callbacks.append(BatchScheduleCallback())  # sets batch size, LR and momentum at batch_start
+    callbacks = Callbacks([*callbacks, *methods])
+    state = LoopState(model, optimizer, cfg, task, run_dir, device, len(train), cfg.batch_size, micro,
+                      loss_fn=task.loss, train_set=train)
+
+    def forward_backward(fire: bool = False) -> torch.Tensor:
+        """Forward and backward of ``state.batch`` in micro-batches: adds the gradient of the batch-mean loss to
+        ``.grad``; returns that loss. Also ``state.closure``, so a callback can redo it (SAM)."""
+        inputs, targets = state.batch[:2]
+        total, micro = torch.zeros((), device=device), state.micro_batch_size or len(inputs)
+        for x, y in zip(inputs.split(micro), targets.split(micro)):
+            loss = state.loss_fn(model(x), y) * (len(x) / len(inputs))  # each micro-batch's share: a batch mean
+            loss.backward()
+            total += loss.detach()
+            if fire:
+                callbacks.fire("after_backward", state)
+        return total
+
+    state.closure = forward_backward
     last_eval: dict = {}
     stopwatch = Stopwatch()
     if ckpt is not None:
@@ -116,15 +139,10 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
                 group["lr"] = state.lr
             check_micro(state.batch_size, state.micro_batch_size)
             batch = gather(train, sampler.next_batch(state.batch_size))
-            inputs, targets = state.batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            n = len(inputs)
-
-            loss_sum, micro = torch.zeros((), device=device), state.micro_batch_size or n
-            for x, y in zip(inputs.split(micro), targets.split(micro)):
-                loss = task.loss(model(x), y) * (len(x) / n)  # each micro-batch's share: .grad is the batch mean
-                loss.backward()
-                loss_sum += loss.detach()
-                callbacks.fire("after_backward", state)
+            state.batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            n = len(state.batch[0])  # examples drawn (methods may train on fewer, or on changed ones)
+            callbacks.fire("batch_ready", state)  # may replace state.batch
+            loss_sum = forward_backward(fire=True)
             callbacks.fire("before_optimizer_step", state)
 
             state.loss = loss_sum.item()
@@ -147,10 +165,12 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             callbacks.fire("batch_end", state)
 
             final = state.step == cfg.steps or state.should_stop
-            if (cfg.eval_every and state.step % cfg.eval_every == 0) or final:
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or final or state.evaluate_now:
+                callbacks.fire("before_evaluate", state)  # e.g. EMA swaps in its averaged weights
                 last_eval = evaluate(model, task, test)
                 state.metrics.update(last_eval)
                 callbacks.fire("evaluate", state)
+                state.evaluate_now = False
             logger.log(state.metrics)
             if nonfinite_streak >= MAX_NONFINITE:
                 raise HastenError(f"loss is not finite for {MAX_NONFINITE} steps in a row at step {state.step}: "

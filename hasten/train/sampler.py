@@ -54,6 +54,12 @@ class EpochSampler:
         self._order = epoch_permutation(self.n, self.seed, self.epoch)
 
 
+def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This process's part of a global batch: contiguous slices whose sizes differ by at most one, so each
+    example of the batch goes to exactly one rank (every rank draws the same global batch from the same sampler)."""
+    return torch.tensor_split(indices, world_size)[rank]
+
+
 def gather(dataset: Dataset, indices: torch.Tensor) -> tuple:
     """The examples at ``indices`` as a batch: one tensor index per field for a ``TensorDataset`` (fast), else
     the items stacked by ``default_collate``."""

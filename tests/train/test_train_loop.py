@@ -192,8 +192,8 @@ def test_callbacks_see_events_in_order_and_can_stop(tmp_path):
     rec = Recorder()
     result = fit(tiny_task(), tiny_config(steps=10, micro_batch_size=8, eval_every=0), [rec, StopAt(2)],
                  run_dir=tmp_path)
-    step = ["batch_start", "after_backward", "after_backward", "before_optimizer_step", "batch_end"]
-    assert rec.events == ["fit_start", *step, *step, "evaluate", "checkpoint", "fit_end"]
+    step = ["batch_start", "batch_ready", "after_backward", "after_backward", "before_optimizer_step", "batch_end"]
+    assert rec.events == ["fit_start", *step, *step, "before_evaluate", "evaluate", "checkpoint", "fit_end"]
     assert result.steps == 2 and "eval/loss" in result.metrics
     assert fit(tiny_task(), tiny_config(steps=10, micro_batch_size=8, eval_every=0), run_dir=tmp_path).steps == 2
 

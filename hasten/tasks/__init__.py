@@ -14,7 +14,7 @@ import difflib
 from typing import Any
 
 from hasten.errors import HastenError
-from hasten.tasks import digits, fashion, mnist1d_task, shakespeare
+from hasten.tasks import digits, fashion, mnist1d_task, shakespeare, shakespeare_mlm
 from hasten.tasks.base import Task
 
 TASKS: dict[str, Task] = {}
@@ -50,7 +50,7 @@ def task_table() -> list[dict[str, Any]]:
     return rows
 
 
-for _module in (digits, fashion, mnist1d_task, shakespeare):
+for _module in (digits, fashion, mnist1d_task, shakespeare, shakespeare_mlm):
     register(_module.TASK)
 
 __all__ = ["TASKS", "Task", "get_task", "register", "task_table"]

@@ -22,6 +22,7 @@ commands:
   influence TASK run=RUN_DIR [test_index=i] [k=20]
                                  TracIn self-influence ranking (likely mislabels) from a run's kept
                                  checkpoints; with test_index, its proponents and opponents
+  methods                        list the speedup methods with what they do, their citation and domain
   study batch-size TASK [key=value]
                                  steps/examples/time to a target per batch size (LR tuned per batch),
                                  the critical batch fitted, and the one-run B_simple beside it
@@ -110,6 +111,12 @@ def _influence(args: list[str]) -> int:
     return 0
 
 
+def _methods(args: list[str]) -> int:
+    from hasten.methods.cli import run_methods_list
+
+    return run_methods_list(args)
+
+
 def _no_args(cmd: str, args: list[str]) -> None:
     if args:
         raise HastenError(f"`hasten {cmd}` takes no arguments, got {' '.join(args)}")
@@ -123,6 +130,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": lambda a: _train(a, measure=False),
     "study": _study,
     "influence": _influence,
+    "methods": _methods,
 }
 
 

@@ -22,6 +22,9 @@ commands:
   influence TASK run=RUN_DIR [test_index=i] [k=20]
                                  TracIn self-influence ranking (likely mislabels) from a run's kept
                                  checkpoints; with test_index, its proponents and opponents
+  tradeoff TASK methods=a,b;c [key=value]
+                                 accuracy-vs-time curves from one cyclic-LR run per method combination
+                                 (Portes et al. 2022), with separate runs to check them
   methods                        list the speedup methods with what they do, their citation and domain
   study batch-size TASK [key=value]
                                  steps/examples/time to a target per batch size (LR tuned per batch),
@@ -111,6 +114,15 @@ def _influence(args: list[str]) -> int:
     return 0
 
 
+def _tradeoff(args: list[str]) -> int:
+    if not args or "=" in args[0]:
+        raise HastenError("usage: hasten tradeoff TASK [methods=a,b;c] [key=value ...]")
+    from hasten.methods.tradeoff_run import run_tradeoff
+
+    run_tradeoff(args[0], args[1:])
+    return 0
+
+
 def _methods(args: list[str]) -> int:
     from hasten.methods.cli import run_methods_list
 
@@ -131,6 +143,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "study": _study,
     "influence": _influence,
     "methods": _methods,
+    "tradeoff": _tradeoff,
 }
 
 

@@ -12,6 +12,10 @@ reads two scalars (one sync per optimizer step).
 >>> tap.step(batch_size)                            # before clipping and optimizer.step()   # doctest: +SKIP
 >>> tap.noise.compute().b_simple                    # doctest: +SKIP
 
+By default (``small="first"``) only the first backward's gradient is read (B_small = one micro-batch): one extra
+read of the gradient per optimizer step whatever k is, still unbiased (every micro-batch is a uniform draw of B/k
+examples). ``small="all"`` reads every backward's gradient and averages their k squared norms: lower variance, k reads.
+
 The number of micro-batches k is the most gradients any one parameter received since the last ``step``: parameters
 unused in some micro-batches and activation checkpointing are fine, and every backward (or ``torch.autograd.grad``)
 through the model counts. Zero ``.grad`` (or set it to None) before the first micro-batch, as usual. With
@@ -34,16 +38,21 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
 
 
 def micro_batch_pair(
-    sq_micro_sum: torch.Tensor, sq_accumulated: torch.Tensor, k: int, divisor: float, loss_scale: float = 1.0
+    sq_micro_sum: torch.Tensor,
+    sq_accumulated: torch.Tensor,
+    k: int,
+    divisor: float,
+    loss_scale: float = 1.0,
+    measured: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(|G_small|², |G_big|²) from k micro-batch backwards of a loss divided by ``divisor``.
 
-    ``sq_micro_sum`` = Σ_j |∇(L_j/divisor)|² over the k backwards, ``sq_accumulated`` = |Σ_j ∇(L_j/divisor)|²
-    (the accumulated ``.grad``); both still multiplied by ``loss_scale``. Micro-batch j's mean gradient is
-    divisor·∇(L_j/divisor) and the batch's is (divisor/k)·.grad.
+    ``sq_micro_sum`` = Σ_j |∇(L_j/divisor)|² over the ``measured`` backwards read (default all k),
+    ``sq_accumulated`` = |Σ_j ∇(L_j/divisor)|² (the accumulated ``.grad``); both still multiplied by
+    ``loss_scale``. Micro-batch j's mean gradient is divisor·∇(L_j/divisor) and the batch's is (divisor/k)·.grad.
     """
     unscale = 1.0 / (loss_scale * loss_scale)
-    sq_small = sq_micro_sum * (divisor * divisor / k * unscale)
+    sq_small = sq_micro_sum * (divisor * divisor / (measured or k) * unscale)
     sq_big = sq_accumulated * ((divisor / k) ** 2 * unscale)
     return sq_small, sq_big
 
@@ -57,11 +66,20 @@ class MicroBatchTap:
         precondition: an Adam/AdamW optimizer: measure P⊙g with P = 1/(√v̂+ε) from its state (steps are skipped
             until it has state).
         every: measure one optimizer step in ``every``; on the others the hooks return at once. The overhead
-            (about one extra read of each micro-batch gradient) shrinks by that factor, the estimate stays unbiased.
+            (one extra read of the gradient, and one host sync, per measured step) shrinks by that factor; the
+            estimate stays unbiased.
+        small: "first" reads the first micro-batch's gradient only (one read per step); "all" reads every
+            micro-batch's (k reads, lower variance).
     """
 
     def __init__(
-        self, model: torch.nn.Module, noise: NoiseScale | None = None, *, precondition=None, every: int = 1
+        self,
+        model: torch.nn.Module,
+        noise: NoiseScale | None = None,
+        *,
+        precondition=None,
+        every: int = 1,
+        small: str = "first",
     ):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise HastenError(
@@ -81,6 +99,9 @@ class MicroBatchTap:
         self._scales: dict[int, torch.Tensor | None] = {}  # preconditioner per parameter, read once per step
         if every < 1:
             raise HastenError(f"every must be a positive number of steps, got {every}")
+        if small not in ("first", "all"):
+            raise HastenError(f"small={small!r}: choose 'first' (one micro-batch read per step) or 'all'")
+        self.small = small
         self.every, self._steps = every, 0
         self._active = [True]  # whether the hooks measure this step (a list: the hooks hold it)
         self._handles = [p.register_hook(self._make_hook(i, p)) for i, p in enumerate(self._params)]
@@ -88,22 +109,32 @@ class MicroBatchTap:
     def _make_hook(self, index: int, param: torch.Tensor):
         norms, counts, active, norm = self._norms, self._counts, self._active, torch.linalg.vector_norm
         dtype = torch.float32 if param.dtype in _LOW_PRECISION else None
+        reads = 1 if self.small == "first" else None  # backwards read per step (None = all)
         if self._precondition is None:
 
             def hook(grad):
                 if active[0]:
-                    norms.append(norm(_dense(grad), dtype=dtype))
+                    if reads is None or counts[index] < reads:
+                        norms.append(norm(_dense(grad), dtype=dtype))
                     counts[index] += 1
 
         else:
 
             def hook(grad):
                 if active[0]:
-                    scale = self._scale(index)
-                    norms.append(norm((grad.to_dense() if grad.is_sparse else grad) * scale, dtype=dtype))
+                    if reads is None or counts[index] < reads:
+                        scale = self._scale(index)
+                        norms.append(norm((grad.to_dense() if grad.is_sparse else grad) * scale, dtype=dtype))
                     counts[index] += 1
 
         return hook
+
+    def discard(self) -> None:
+        """Forget the gradients read since the last :meth:`step` (e.g. extra backwards that are not micro-batches
+        of the next step, such as SAM's second pass): call before the next step's first backward."""
+        self._norms.clear()
+        self._counts[:] = [0] * len(self._counts)
+        self._scales = {}
 
     def _scale(self, index: int) -> torch.Tensor:
         if index not in self._scales:
@@ -133,9 +164,7 @@ class MicroBatchTap:
         estimator counts as skipped steps.
         """
         norms, k, scales = self._norms[:], max(self._counts), self._scales
-        self._norms.clear()
-        self._counts[:] = [0] * len(self._counts)
-        self._scales = {}
+        self.discard()
         self._steps += 1
         self._active[0] = self._steps % self.every == 0
         if not loss_scale > 0:
@@ -164,7 +193,8 @@ class MicroBatchTap:
         else:
             sq_accumulated = torch.zeros_like(sq_micro_sum)
         divisor = accumulation_steps if accumulation_steps is not None else k
-        pair = torch.stack(micro_batch_pair(sq_micro_sum, sq_accumulated, k, divisor, loss_scale))
+        measured = 1 if self.small == "first" else k
+        pair = torch.stack(micro_batch_pair(sq_micro_sum, sq_accumulated, k, divisor, loss_scale, measured))
         sq_small, sq_big = pair.tolist()  # the one host sync
         return self.noise.update(sq_small=sq_small, b_small=batch_size // k, sq_big=sq_big, b_big=batch_size)
 

@@ -66,14 +66,18 @@ class NoiseScaleCallback(Callback):
             optimizer = state.optimizer if self.precondition else None
             self.tap = MicroBatchTap(state.model, self.noise, precondition=optimizer)
 
+    def on_batch_ready(self, state: LoopState) -> None:
+        if self.tap is not None:
+            self.tap.discard()  # backwards since the last step (SAM's second pass) are not this step's micro-batches
+
     def on_before_optimizer_step(self, state: LoopState) -> None:
-        inputs, targets = state.batch
+        inputs, targets = state.batch[:2]
         if self.source == "micro":
             self.tap.step(len(inputs), micro_batch_sizes=micro_batch_sizes(len(inputs), state.micro_batch_size))
         elif len(inputs) > 1:
             from hasten.measure.per_example import per_example_sq_norms
 
-            sq_norms, big_sq = per_example_sq_norms(state.model, state.task.loss, inputs, targets)
+            sq_norms, big_sq = per_example_sq_norms(state.model, state.loss_fn, inputs, targets)
             self.noise.update(sq_norms.double().mean().item(), 1, big_sq.item(), len(inputs))
         est = self.estimate()
         state.metrics.update({"noise/b_simple": est.b_simple, "noise/b_simple_se": est.b_simple_se,

@@ -36,10 +36,12 @@ def micro_grads(model, x, y):
     return torch.stack(grads)
 
 
-def expected_pair(grads, precondition=None):
+def expected_pair(grads, precondition=None, small="first"):
+    """(|G_small|², |G_big|²): the first micro-batch's squared norm (small="first") or the mean over all of them."""
     if precondition is not None:
         grads = grads * precondition
-    return float(grads.square().sum(1).mean()), float(grads.mean(0).square().sum())
+    sq_small = grads[0].square().sum() if small == "first" else grads.square().sum(1).mean()
+    return float(sq_small), float(grads.mean(0).square().sum())
 
 
 def accumulate(model, x, y, scale=1.0, divide=True):
@@ -56,13 +58,14 @@ def assert_pair(call, expected):
     assert math.isclose(sq_big, expected[1], rel_tol=1e-5)
 
 
-def test_tap_matches_hand_computation_over_training_steps():
+@pytest.mark.parametrize("small", ["first", "all"])
+def test_tap_matches_hand_computation_over_training_steps(small):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    tap = MicroBatchTap(model, RecordingNoiseScale())
+    tap = MicroBatchTap(model, RecordingNoiseScale(), small=small)
     for step in range(3):
         x, y = make_batch(step)
-        expected = expected_pair(micro_grads(model, x, y))
+        expected = expected_pair(micro_grads(model, x, y), small=small)
         opt.zero_grad(set_to_none=step % 2 == 0)
         accumulate(model, x, y)
         assert tap.step(K * MICRO)
@@ -227,3 +230,25 @@ def test_every_other_step():
             assert_pair(tap.noise.calls[-1], expected)
         opt.step()
     assert measured == [True, False, True, False] and len(tap.noise.calls) == 2
+
+
+def test_discard_forgets_extra_backwards_between_steps():
+    """A backward that is not a micro-batch of the next step (SAM's second pass) must not be read as its first."""
+    model = make_model(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tap = MicroBatchTap(model, RecordingNoiseScale())
+    for step in range(3):
+        x, y = make_batch(step)
+        expected = expected_pair(micro_grads(model, x, y))
+        opt.zero_grad()
+        accumulate(model, x, y)
+        assert tap.step(K * MICRO)
+        assert_pair(tap.noise.calls[-1], expected)
+        loss_fn(model(x * 2), y).backward()  # an extra pass after the measurement
+        tap.discard()
+        opt.step()
+
+
+def test_unknown_small_is_refused():
+    with pytest.raises(HastenError, match="small="):
+        MicroBatchTap(make_model(), small="some")

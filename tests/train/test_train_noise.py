@@ -22,10 +22,11 @@ def keep_threads():
 
 class BruteForce(Callback):
     """Feeds a reference NoiseScale with |G_small|² (mean over chunks of ``small`` examples, each gradient from its
-    own backward on a copy of the model) and |G_big|² of the whole batch, at the parameters of each step."""
+    own backward on a copy of the model; only the first chunk with ``first``, as the micro source reads) and |G_big|²
+    of the whole batch, at the parameters of each step."""
 
-    def __init__(self, small: int, horizon):
-        self.small, self.horizon, self.ref = small, horizon, None
+    def __init__(self, small: int, horizon, first: bool = False):
+        self.small, self.horizon, self.first, self.ref = small, horizon, first, None
 
     def on_fit_start(self, state):
         self.ref = NoiseScale(horizon=self.horizon, dataset_size=state.train_size)
@@ -40,6 +41,7 @@ class BruteForce(Callback):
             return sum((p.grad.double() ** 2).sum() for p in model.parameters()).item()
 
         small = [sq_norm(a, b) for a, b in zip(x.split(self.small), y.split(self.small))]
+        small = small[:1] if self.first else small
         self.ref.update(sum(small) / len(small), self.small, sq_norm(x, y), len(x))
 
 
@@ -54,7 +56,7 @@ def close(estimate, reference, rel=1e-4):
 def test_noise_scale_matches_brute_force(tmp_path, source, micro):
     # 96 examples in batches of 16: no truncated batch, so every step has equal micro-batches.
     cfg = tiny_config(steps=15, micro_batch_size=micro, noise=source, noise_horizon=-1.0)
-    check = BruteForce(small=micro or 1, horizon=None)
+    check = BruteForce(small=micro or 1, horizon=None, first=source == "micro")
     result = fit(tiny_task(), cfg, [check], run_dir=tmp_path)
     close(result.noise, check.ref)
     assert result.noise.n_steps == 15 and math.isfinite(result.noise.b_simple)
@@ -66,7 +68,7 @@ def test_noise_scale_matches_brute_force(tmp_path, source, micro):
 def test_ema_horizon_and_default_micro(tmp_path):
     cfg = tiny_config(steps=10, batch_size=16, noise="micro", noise_horizon=0.0)  # auto: a fifth of the examples
     assert horizon_from_config(cfg) == 10 * 16 / 5
-    check = BruteForce(small=4, horizon=horizon_from_config(cfg))  # micro_batch_size=0 -> 16/4
+    check = BruteForce(small=4, horizon=horizon_from_config(cfg), first=True)  # micro_batch_size=0 -> 16/4
     result = fit(tiny_task(), cfg, [check], run_dir=tmp_path)
     assert result.micro_batch_size == 4
     close(result.noise, check.ref)
@@ -97,3 +99,20 @@ def test_a_callback_passed_in_replaces_the_default_one(tmp_path):
     mine = NoiseScaleCallback("per_example", horizon=None)
     result = fit(tiny_task(), tiny_config(steps=3, noise="micro", micro_batch_size=4), [mine], run_dir=tmp_path)
     assert result.noise == mine.estimate() and result.noise.n_steps == 3
+
+
+def test_sam_with_the_micro_source_measures_every_step(tmp_path):
+    """SAM's second backward (after the measurement) must not be taken for the next step's first micro-batch."""
+    cfg = tiny_config(steps=6, micro_batch_size=4, noise="micro", noise_horizon=-1.0, methods="sam")
+    check = BruteForce(small=4, horizon=None, first=True)
+    result = fit(tiny_task(), cfg, [check], run_dir=tmp_path)
+    assert (result.noise.n_steps, result.noise.n_skipped) == (6, 0)
+    close(result.noise, check.ref)
+
+
+def test_per_example_source_uses_the_loop_loss_with_mixup(tmp_path):
+    from hasten.tasks.models import cross_entropy
+
+    cfg = tiny_config(steps=4, noise="per_example", noise_horizon=-1.0, methods="mixup")
+    result = fit(tiny_task(loss=cross_entropy), cfg, run_dir=tmp_path)  # mixed (soft) targets need the loop's loss
+    assert result.noise.n_steps == 4 and math.isfinite(result.noise.grad_sq)

@@ -33,18 +33,14 @@ from hasten.measure.precondition import AdamPreconditioner
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    return grad.coalesce().values() if grad.is_sparse else grad
-
-
 def micro_batch_pair(
-    sq_micro_sum: torch.Tensor,
-    sq_accumulated: torch.Tensor,
+    sq_micro_sum: torch.Tensor | float,
+    sq_accumulated: torch.Tensor | float,
     k: int,
     divisor: float,
     loss_scale: float = 1.0,
     measured: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple:
     """(|G_small|², |G_big|²) from k micro-batch backwards of a loss divided by ``divisor``.
 
     ``sq_micro_sum`` = Σ_j |∇(L_j/divisor)|² over the ``measured`` backwards read (default all k),
@@ -115,7 +111,7 @@ class MicroBatchTap:
             def hook(grad):
                 if active[0]:
                     if reads is None or counts[index] < reads:
-                        norms.append(norm(_dense(grad), dtype=dtype))
+                        norms.append(norm(grad.coalesce().values() if grad.is_sparse else grad, dtype=dtype))
                     counts[index] += 1
 
         else:
@@ -187,21 +183,21 @@ class MicroBatchTap:
                         return False
                     g = g * scale
                 grads.append(g)
-        sq_micro_sum = self._sum_sq(norms)
+        small_norm = self._norm_of(norms)  # √Σ|g|²: squared on the host, after the one sync
         if grads:
-            sq_accumulated = self._sum_sq(torch._foreach_norm(grads, 2, dtype=self._norm_dtype))
+            big_norm = self._norm_of(torch._foreach_norm(grads, 2, dtype=self._norm_dtype))
         else:
-            sq_accumulated = torch.zeros_like(sq_micro_sum)
+            big_norm = torch.zeros_like(small_norm)
+        small_norm, big_norm = torch.stack([small_norm, big_norm]).tolist()  # the one host sync
         divisor = accumulation_steps if accumulation_steps is not None else k
         measured = 1 if self.small == "first" else k
-        pair = torch.stack(micro_batch_pair(sq_micro_sum, sq_accumulated, k, divisor, loss_scale, measured))
-        sq_small, sq_big = pair.tolist()  # the one host sync
+        sq_small, sq_big = micro_batch_pair(small_norm**2, big_norm**2, k, divisor, loss_scale, measured)
         return self.noise.update(sq_small=sq_small, b_small=batch_size // k, sq_big=sq_big, b_big=batch_size)
 
-    def _sum_sq(self, norms) -> torch.Tensor:
+    def _norm_of(self, norms) -> torch.Tensor:
         if self._device is not None:
             norms = [n.to(self._device) for n in norms]
-        return torch.stack(norms).square().sum()
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def remove(self) -> None:
         """Remove the hooks (the estimator keeps its state)."""

@@ -3,7 +3,9 @@
 Usage: python -m torch.distributed.run --nproc_per_node=2 ddp_worker.py SETUP.pt OUT_DIR STEPS
 Every rank draws the same random permutation per step and takes its own disjoint slice: the global batch is a draw
 without replacement from the dataset. Local batch sizes alternate (48, 64, 32); every third step accumulates two
-micro-batches under no_sync(); one extra step gives the ranks different batch sizes, which must be skipped.
+micro-batches under no_sync(); every fourth step gives the ranks different batch sizes (local ∓ 16), which enter the
+estimate with harmonic-mean batch sizes. A last step runs two backwards without no_sync (the hook fires twice per
+bucket): every rank must drop it.
 """
 import json
 import sys
@@ -12,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from hasten.errors import HastenError
 from hasten.measure import NoiseScale, attach_ddp_noise
 
 LOCAL_BATCHES = (48, 64, 32)
@@ -31,8 +34,10 @@ def main(setup_path: str, out_dir: str, steps: int) -> None:
     accepted = []
     for step in range(steps):
         local = LOCAL_BATCHES[step % len(LOCAL_BATCHES)]
-        perm = torch.randperm(len(x), generator=gen)[: local * world]
-        mine = perm[rank * local : (rank + 1) * local]
+        sizes = [local - 16, local + 16] if step % 4 == 3 else [local] * world
+        perm = torch.randperm(len(x), generator=gen)[: sum(sizes)]
+        mine = perm[sum(sizes[:rank]) : sum(sizes[: rank + 1])]
+        local = sizes[rank]
         ddp.zero_grad(set_to_none=True)
         if step % 3 == 2:  # gradient accumulation: the hook fires once, on the local mean of both halves
             half = local // 2
@@ -42,13 +47,28 @@ def main(setup_path: str, out_dir: str, steps: int) -> None:
         else:
             loss_fn(ddp(x[mine]), y[mine]).backward()
         accepted.append(state.step(local))
-    # Unequal local batch sizes: DDP's average is not the global mean, so the step must be skipped on every rank.
     ddp.zero_grad(set_to_none=True)
-    uneven = 16 if rank == 0 else 24
-    loss_fn(ddp(x[:uneven]), y[:uneven]).backward()
-    accepted_uneven = state.step(uneven)
+    for _ in range(2):  # two synced backwards in one step: the hook fires twice per bucket
+        loss_fn(ddp(x[:32]), y[:32]).backward()
+    accepted_twice = state.step()  # 64 examples counted by the forward pre-hook
+    estimate = state.noise.compute().as_dict()
+    # An extra synced pass between steps (SAM's second backward) is forgotten by discard().
+    loss_fn(ddp(x[:32]), y[:32]).backward()
+    state.discard()
+    ddp.zero_grad(set_to_none=True)
+    loss_fn(ddp(x[32:64]), y[32:64]).backward()
+    after_discard = state.step(32)
+    ddp.zero_grad(set_to_none=True)
+    loss_fn(ddp(x[:32]), y[:32]).backward()
+    try:
+        state.step(31)
+        mismatch = ""
+    except HastenError as e:
+        mismatch = str(e)
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump(dict(estimate=state.noise.compute().as_dict(), accepted=accepted, uneven=accepted_uneven), f)
+        json.dump(dict(estimate=estimate, accepted=accepted, twice=accepted_twice, after_discard=after_discard,
+                       mismatch=mismatch), f)
+    dist.barrier()  # no rank tears the group down while another still finishes its last collective
     dist.destroy_process_group()
 
 

@@ -33,7 +33,8 @@ def test_ddp_hook_matches_brute_force(problem, tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1  # every rank holds the identical estimate
-    assert all(rank0["accepted"]) and rank0["uneven"] is False
+    assert all(rank0["accepted"]) and rank0["twice"] is False and rank0["after_discard"] is True
+    assert "held 32 examples" in rank0["mismatch"]
     est = rank0["estimate"]
     assert est["n_steps"] == STEPS and est["n_skipped"] == 0
     assert est["b_simple_se"] < 0.02 * est["b_simple"]

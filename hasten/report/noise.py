@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from hasten.report.html import Report
+from hasten.report.schedule import add_schedule_section
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +44,7 @@ def noise_report(title: str, rows: list[dict], summary: dict[str, Any], notes: l
     for note in notes:
         rep.text(note, cls="note")
     rep.table([{"quantity": k, "value": v} for k, v in summary.items()])
+    add_schedule_section(rep, rows)  # batch size, LR and B_simple, when the batch changed or B_simple was measured
 
     steps, bs = _series(rows, "noise/b_simple")
     _, bse = _series(rows, "noise/b_simple_se")

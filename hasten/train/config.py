@@ -34,7 +34,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between atomic checkpoints (0 = only at the end)
     keep_checkpoints: bool = False  # also keep a copy of every checkpoint (with its LR) for `hasten influence`
     seed: int = 0  # seeds model init, data order and every random draw
-    noise: str = "micro"  # noise-scale source: micro (gradient accumulation) | per_example | off
+    noise: str = "micro"  # noise-scale source: micro (micro-batches; torchrun: ddp) | per_example | ddp | off
     noise_horizon: float = 0.0  # EMA horizon in examples for the noise scale; 0 = auto (a fifth of the run's examples); -1 = running mean over the whole run
     precondition: bool = False  # measure Adam-preconditioned gradients g/(sqrt(v_hat)+eps) instead of raw
     run_dir: str = ""  # where metrics, checkpoints and the report go ("" = runs/<task>-<seed>)

@@ -46,7 +46,8 @@ class LoopState:
 
     ``step`` counts finished optimizer steps; at ``batch_start`` a callback may set ``batch_size`` (drawn next) and
     ``lr`` (the scheduled value, applied to the optimizer after the event). ``metrics`` is the row logged for this
-    step: callbacks add keys to it. ``batch`` is this step's ``(inputs, targets)`` on the device.
+    step: callbacks add keys to it. ``batch`` is this step's ``(inputs, targets)`` on the device (this rank's
+    shard of the global batch under DDP).
     """
 
     model: nn.Module
@@ -71,6 +72,7 @@ class LoopState:
     closure: Callable | None = None  # closure() redoes forward + backward on state.batch (SAM's second pass)
     train_set: Any = None  # the training dataset (SortaGrad reorders the first epoch)
     evaluate_now: bool = False  # a callback sets it at batch_end to have this step evaluated
+    net: nn.Module | None = None  # what forwards run through: the DDP wrapper of ``model`` under torchrun, else model
 
 
 class Callback:

@@ -6,6 +6,10 @@ optimizer step (skipped when the loss is not finite) → ``batch_end`` → evalu
 checkpoint when due. Evaluating and checkpointing at the *end* of step N puts the eval numbers in row N and lets
 a resumed run start at step N+1 without repeating anything.
 
+Under ``torchrun`` (see :mod:`hasten.train.distributed`) ``batch_size`` is the global batch: every rank draws it
+from its own sampler (same seed) and trains on its shard, its loss weighted so that DDP's average of the ranks'
+gradients is the global batch-mean gradient; only rank 0 writes files.
+
 Exact resume: the checkpoint holds the model, optimizer, sampler position, every global RNG state and the
 callbacks' states, taken between two steps; evaluation runs under ``fork_rng`` so it draws nothing from the
 training RNG. A run killed at any point and started again with the same call ends bit-identical (same device,
@@ -30,14 +34,15 @@ from hasten.errors import HastenError
 from hasten.measure.noise_scale import NoiseScaleEstimate
 from hasten.methods import build_methods
 from hasten.tasks.base import Task
+from hasten.train import distributed as dist
 from hasten.train.batch_callback import BatchScheduleCallback
 from hasten.train.checkpoint import encode_checkpoint, load_checkpoint, rng_state, set_rng_state
 from hasten.train.checkpoint import stale_temp_files, write_atomic
 from hasten.train.config import TrainConfig, default_run_dir
 from hasten.train.events import Callbacks, LoopState
 from hasten.train.logger import METRICS, RunLogger, Stopwatch, truncate_jsonl, write_json
-from hasten.train.noise_callback import NoiseScaleCallback, horizon_from_config
-from hasten.train.sampler import EpochSampler, gather
+from hasten.train.noise_callback import NoiseScaleCallback, horizon_from_config, noise_source
+from hasten.train.sampler import EpochSampler, gather, shard
 from hasten.train.schedule import make_schedule
 
 CHECKPOINT = "checkpoint-latest.pt"
@@ -70,13 +75,19 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     """Train ``task``'s model under ``cfg``, resuming from ``run_dir``'s checkpoint when there is one."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    micro = micro_batch_size(cfg)
+    device, world = resolve_device(cfg.device), dist.world_size()
+    source = noise_source(cfg.noise, world)
+    micro = micro_batch_size(cfg, source)
     train, test = task.load(cfg.data or None)
     if cfg.batch_size > len(train):
         raise HastenError(f"batch_size={cfg.batch_size} is larger than {task.name}'s training set ({len(train)} "
                           f"examples): use batch_size <= {len(train)}")
+    if cfg.batch_size < world:
+        raise HastenError(f"batch_size={cfg.batch_size} (the global batch) is smaller than the {world} processes: "
+                          f"use batch_size >= {world}")
     schedule = make_schedule(cfg.schedule, cfg.steps, cfg.warmup)
+    dist.init_from_env(device)  # after the checks above, which fail alike on every rank
+    rank, main = dist.rank(), dist.is_main()
     seed_everything(cfg.seed)
     model = task.make_model(cfg.model or None).to(device)
     methods = build_methods(cfg.methods, task, model)  # speedup methods (`hasten methods`), in stage order
@@ -87,24 +98,31 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
 
     run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg))  # touched only once the settings are valid
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = prepare_run_dir(run_dir, cfg, resume)
+    ckpt = prepare_run_dir(run_dir, cfg, resume, clean=main)  # every rank reads the checkpoint
     callbacks = list(callbacks)
-    if cfg.noise != "off" and not any(isinstance(c, NoiseScaleCallback) for c in callbacks):
-        callbacks.insert(0, NoiseScaleCallback(cfg.noise, horizon_from_config(cfg), cfg.precondition))
+    if source != "off" and not any(isinstance(c, NoiseScaleCallback) for c in callbacks):
+        callbacks.insert(0, NoiseScaleCallback(source, horizon_from_config(cfg), cfg.precondition))
     if cfg.batch != "fixed" and not any(isinstance(c, BatchScheduleCallback) for c in callbacks):
         callbacks.append(BatchScheduleCallback())  # sets batch size, LR and momentum at batch_start
     callbacks = Callbacks([*callbacks, *methods])
     state = LoopState(model, optimizer, cfg, task, run_dir, device, len(train), cfg.batch_size, micro,
                       loss_fn=task.loss, train_set=train)
+    state.net = net = dist.wrap(model)  # DDP with several processes: it copies rank 0's weights to every rank
+    if world > 1:
+        seed_everything(cfg.seed + rank)  # rank r draws its own dropout and augmentations (model init is shared)
+    weight = 1.0  # this rank's loss weight, set each step (1 in one process)
 
     def forward_backward(fire: bool = False) -> torch.Tensor:
         """Forward and backward of ``state.batch`` in micro-batches: adds the gradient of the batch-mean loss to
         ``.grad``; returns that loss. Also ``state.closure``, so a callback can redo it (SAM)."""
         inputs, targets = state.batch[:2]
-        total, micro = torch.zeros((), device=device), state.micro_batch_size or len(inputs)
-        for x, y in zip(inputs.split(micro), targets.split(micro)):
-            loss = state.loss_fn(model(x), y) * (len(x) / len(inputs))  # each micro-batch's share: a batch mean
-            loss.backward()
+        total, micro = torch.zeros((), device=device), state.micro_batch_size or max(len(inputs), 1)
+        chunks = list(zip(inputs.split(micro), targets.split(micro)))
+        for i, (x, y) in enumerate(chunks):
+            with dist.sync_if(net, last=i == len(chunks) - 1):  # DDP all-reduces on the last micro-batch only
+                # Each micro-batch's share of the rank's batch mean, times the rank's weight (1 in one process).
+                loss = state.loss_fn(net(x), y) * (len(x) / len(inputs) * weight) if len(x) else net(x).sum()
+                loss.backward()  # an empty shard (the last examples of an epoch) still joins the all-reduce
             total += loss.detach()
             if fire:
                 callbacks.fire("after_backward", state)
@@ -120,17 +138,20 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
         for key in SAVED_STATE:
             setattr(state, key, ckpt[key])
         last_eval, stopwatch = ckpt["last_eval"], Stopwatch(ckpt["time"])
-    write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "task": task.name, "micro_batch_size": micro,
-                                         "device": str(device), "train_size": len(train), "test_size": len(test),
-                                         "torch_version": torch.__version__})
+    if main:
+        write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "task": task.name, "micro_batch_size": micro,
+                                             "device": str(device), "train_size": len(train), "test_size": len(test),
+                                             "world_size": world, "noise_source": source,
+                                             "torch_version": torch.__version__})
 
     model.train()
     nonfinite_streak = 0
-    with RunLogger(run_dir, cfg.steps, state.step, cfg.progress) as logger:
+    logger = RunLogger(run_dir, cfg.steps, state.step, cfg.progress) if main else dist.NullLogger()
+    with logger:
         callbacks.fire("fit_start", state)
         if ckpt is not None:
             callbacks.load_state_dict(ckpt["callbacks"])
-            set_rng_state(ckpt["rng"])
+            set_rng_state(dist.own_rng_state(ckpt))
         while state.step < cfg.steps and not state.should_stop:
             state.metrics = {"step": state.step + 1}  # the row logged for this step
             state.lr = cfg.lr * schedule(state.step)
@@ -138,14 +159,16 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             for group in optimizer.param_groups:
                 group["lr"] = state.lr
             check_micro(state.batch_size, state.micro_batch_size)
-            batch = gather(train, sampler.next_batch(state.batch_size))
-            state.batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            n = len(state.batch[0])  # examples drawn (methods may train on fewer, or on changed ones)
+            indices = sampler.next_batch(state.batch_size)  # the global batch: the same on every rank
+            mine = shard(indices, rank, world)
+            state.batch = tuple(t.to(device, non_blocking=True) for t in gather(train, mine))
+            n = len(indices)  # examples drawn (methods may train on fewer, or on changed ones)
+            weight = world * len(mine) / n  # DDP averages the ranks: mean_r(weight_r·mean_r) = the batch mean
             callbacks.fire("batch_ready", state)  # may replace state.batch
             loss_sum = forward_backward(fire=True)
             callbacks.fire("before_optimizer_step", state)
 
-            state.loss = loss_sum.item()
+            state.loss = dist.all_reduce_sum(loss_sum).item() / world  # the global batch-mean loss
             finite = math.isfinite(state.loss)
             if finite and cfg.grad_clip > 0:
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -167,7 +190,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             final = state.step == cfg.steps or state.should_stop
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or final or state.evaluate_now:
                 callbacks.fire("before_evaluate", state)  # e.g. EMA swaps in its averaged weights
-                last_eval = evaluate(model, task, test)
+                last_eval = evaluate(model, task, test, sharded=True)
                 state.metrics.update(last_eval)
                 callbacks.fire("evaluate", state)
                 state.evaluate_now = False
@@ -177,9 +200,13 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
                                   f"lower lr={cfg.lr}; the last good checkpoint is kept in {run_dir}")
             # No checkpoint inside a non-finite streak, so the latest one is always a good one.
             if ((cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or final) and not nonfinite_streak:
-                save(run_dir, snapshot(state, sampler, callbacks, last_eval, stopwatch()), cfg.keep_checkpoints)
+                payload = snapshot(state, sampler, callbacks, last_eval, stopwatch())  # every rank: gathers RNGs
+                if main:
+                    save(run_dir, payload, cfg.keep_checkpoints)
+                dist.barrier()  # the file exists for every rank's "checkpoint" callbacks
                 callbacks.fire("checkpoint", state)
         callbacks.fire("fit_end", state)
+    dist.barrier()  # returns on every rank once rank 0's files are written
 
     noise = callbacks.find(NoiseScaleCallback)
     return FitResult(last_eval, state.loss, state.step, state.examples, noise.estimate() if noise else None,
@@ -187,33 +214,38 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = EVAL_BATCH) -> dict:
-    """Mean loss and mean metric over ``dataset`` in eval mode; draws nothing from the global RNGs."""
+def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = EVAL_BATCH, *, sharded: bool = False) -> dict:
+    """Mean loss and mean metric over ``dataset`` in eval mode; draws nothing from the global RNGs. ``sharded``:
+    each rank evaluates its part and the sums are all-reduced (call it on every rank)."""
     if len(dataset) == 0:
         return {}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    metric_sum = torch.zeros((), dtype=torch.float64, device=device)
-    metric_count = 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss × examples, metric, metric count
+    indices = torch.arange(len(dataset))
+    if sharded:
+        indices = shard(indices, dist.rank(), dist.world_size())
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        for start in range(0, len(dataset), batch_size):
-            x, y = (t.to(device) for t in gather(dataset, torch.arange(start, min(start + batch_size, len(dataset)))))
+        for chunk in indices.split(batch_size):
+            x, y = (t.to(device) for t in gather(dataset, chunk))
             outputs = model(x)
-            loss_sum += task.loss(outputs, y).double() * len(x)  # task.loss is a batch mean
             metric = task.metric(outputs, y)
-            metric_sum += metric.double().sum()
-            metric_count += metric.numel()
+            sums += torch.stack([task.loss(outputs, y).double() * len(x),  # task.loss is a batch mean
+                                 metric.double().sum(), sums.new_tensor(metric.numel())])
     model.train(was_training)
-    return {"eval/loss": loss_sum.item() / len(dataset), f"eval/{task.metric_name}": metric_sum.item() / metric_count}
+    if sharded:
+        dist.all_reduce_sum(sums)
+    loss_sum, metric_sum, metric_count = sums.tolist()
+    return {"eval/loss": loss_sum / len(dataset), f"eval/{task.metric_name}": metric_sum / metric_count}
 
 
 def snapshot(state: LoopState, sampler: EpochSampler, callbacks: Callbacks, last_eval: dict, time: float) -> dict:
     """Everything a resumed run needs to continue exactly from between two steps."""
+    rngs = dist.all_gather(rng_state())  # every rank's RNGs (ranks draw apart), rank 0's also under "rng"
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "sampler": sampler.state_dict(), "rng": rng_state(), "callbacks": callbacks.state_dict(),
+            "sampler": sampler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "callbacks": callbacks.state_dict(),
             "cfg": dataclasses.asdict(state.cfg), "last_eval": last_eval, "time": time,
             **{k: getattr(state, k) for k in SAVED_STATE}}
 
@@ -229,9 +261,10 @@ def save(run_dir: Path, payload: dict, keep: bool) -> None:
             f.write(json.dumps({"step": payload["step"], "path": name, "lr": payload["lr"]}) + "\n")
 
 
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> dict | None:
-    """The checkpoint to resume from (outputs after it are dropped), or None after clearing earlier outputs."""
-    for tmp in stale_temp_files(run_dir):  # left by a write that was killed midway
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, clean: bool = True) -> dict | None:
+    """The checkpoint to resume from (outputs after it are dropped), or None after clearing earlier outputs.
+    ``clean=False`` (ranks other than 0) only reads and checks: the same answer, nothing deleted."""
+    for tmp in stale_temp_files(run_dir) if clean else ():  # left by a write that was killed midway
         tmp.unlink()
     path = run_dir / CHECKPOINT
     if resume and path.exists():
@@ -243,24 +276,25 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> dict | Non
             k = changed[0]
             raise HastenError(f"{run_dir} holds a run with other settings ({k}={ckpt['cfg'][k]!r}, now "
                               f"{current[k]!r}): use a new run_dir, or pass resume=False to start over there")
-        truncate_jsonl(run_dir / METRICS, ckpt["step"])
-        truncate_jsonl(run_dir / CHECKPOINTS_LOG, ckpt["step"])
+        if clean:
+            truncate_jsonl(run_dir / METRICS, ckpt["step"])
+            truncate_jsonl(run_dir / CHECKPOINTS_LOG, ckpt["step"])
         return ckpt
+    if not clean:
+        return None
     for old in [path, run_dir / METRICS, run_dir / CHECKPOINTS_LOG, *run_dir.glob("checkpoint-step*.pt")]:
         old.unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tb", ignore_errors=True)
     return None
 
 
-def micro_batch_size(cfg: TrainConfig) -> int:
-    """The micro-batch size to use (0 = the whole batch). noise=micro with micro_batch_size=0 picks the largest
-    divisor of batch_size that is at most batch_size/4: at least 4 micro-batches give the meter its small batches
-    at no extra compute."""
-    b, m = cfg.batch_size, cfg.micro_batch_size
-    if cfg.noise not in ("micro", "per_example", "off"):
-        raise HastenError(f"noise={cfg.noise!r}: choose micro, per_example or off")
+def micro_batch_size(cfg: TrainConfig, source: str | None = None) -> int:
+    """The micro-batch size to use (0 = the whole batch; per rank under DDP). With the noise ``source`` micro (by
+    default cfg.noise) and micro_batch_size=0 it is the largest divisor of batch_size that is at most batch_size/4:
+    at least 4 micro-batches give the meter its small batches at no extra compute."""
+    b, m, source = cfg.batch_size, cfg.micro_batch_size, source or noise_source(cfg.noise, 1)
     check_micro(b, m)
-    if cfg.noise == "micro":
+    if source == "micro":
         if m == 0:
             m = max(d for d in range(1, max(b // 4, 1) + 1) if b % d == 0)
         if m >= b:
@@ -285,12 +319,11 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def resolve_device(name: str) -> torch.device:
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    """``name`` ("" = cuda if available, else cpu); plain cuda is cuda:LOCAL_RANK under torchrun."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HastenError(f"device={name} but no CUDA GPU is visible: use device=cpu or leave device unset")
-    return device
+    return dist.local_device(device)
 
 
 def seed_everything(seed: int) -> None:

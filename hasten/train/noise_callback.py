@@ -8,6 +8,11 @@ norms at two batch sizes taken at the same parameters (eq. A.2). Two sources:
   step whose micro-batches differ in size (the truncated last batch of an epoch) is not measured.
 - ``per_example``: per-example gradient norms (B_small = 1, lowest variance) of the step's batch via torch.func,
   at the cost of about one extra forward and backward per step (dropout draws as in training; BatchNorm is refused).
+- ``ddp``: the ranks of DistributedDataParallel (B_small = a rank's shard, B_big = the global batch) via
+  :func:`hasten.measure.attach_ddp_noise`, riding on DDP's own all-reduce; the estimate is the same on every rank.
+  Under torchrun ``micro`` (the default) means ``ddp``; ``per_example`` is refused (ranks would disagree). On a step
+  whose shards differ by one example the loop weights each rank's gradient by W·b_r/B (so their average is the
+  batch mean); the meter's pair is then off by a relative O(1/b_r²): negligible.
 
 Both measure in ``before_optimizer_step``: the accumulated gradient, before clipping and the optimizer step. A
 non-finite step is counted as skipped and left out of the sums.
@@ -20,7 +25,20 @@ from hasten.errors import HastenError
 from hasten.measure.noise_scale import NoiseScale, NoiseScaleEstimate
 from hasten.train.events import Callback, LoopState
 
-SOURCES = ("micro", "per_example")
+SOURCES = ("micro", "per_example", "ddp")
+
+
+def noise_source(noise: str, world: int) -> str:
+    """The source to measure with in a run of ``world`` processes (or "off"): micro becomes ddp under DDP."""
+    if noise not in (*SOURCES, "off"):
+        raise HastenError(f"noise={noise!r}: choose micro, per_example, ddp or off")
+    if world > 1 and noise == "per_example":
+        raise HastenError("noise=per_example measures one process: under torchrun use noise=ddp (or micro, the same "
+                          "there) or noise=off")
+    if world == 1 and noise == "ddp":
+        raise HastenError("noise=ddp measures across DDP processes: launch with torchrun --nproc_per_node=2 or more, "
+                          "or use noise=micro in one process")
+    return "ddp" if world > 1 and noise == "micro" else noise
 
 
 def horizon_from_config(cfg) -> float | None:
@@ -40,7 +58,7 @@ class NoiseScaleCallback(Callback):
     """Streams B_simple into a :class:`NoiseScale` and adds ``noise/*`` keys to every step's row.
 
     Args:
-        source: "micro" (needs micro_batch_size < batch_size) or "per_example".
+        source: "micro" (needs micro_batch_size < batch_size), "per_example" or "ddp" (under torchrun).
         horizon: EMA horizon in examples; None = running mean over the run.
         precondition: measure Adam-preconditioned gradients g/(√v̂+ε) instead of raw ones (micro source only).
     """
@@ -54,7 +72,7 @@ class NoiseScaleCallback(Callback):
             raise HastenError("precondition=true works with noise=micro only: set noise=micro or precondition=false")
         self.source, self.horizon, self.precondition = source, horizon, precondition
         self.noise: NoiseScale | None = None
-        self.tap = None
+        self.tap = self.ddp = None
 
     def on_fit_start(self, state: LoopState) -> None:
         self.noise = NoiseScale(horizon=self.horizon, dataset_size=state.train_size)
@@ -65,15 +83,25 @@ class NoiseScaleCallback(Callback):
                 raise HastenError("precondition=true needs optimizer=adam (it divides by Adam's √v̂+ε)")
             optimizer = state.optimizer if self.precondition else None
             self.tap = MicroBatchTap(state.model, self.noise, precondition=optimizer)
+        elif self.source == "ddp":
+            from hasten.measure import attach_ddp_noise
+
+            if not isinstance(state.net, torch.nn.parallel.DistributedDataParallel):
+                raise HastenError("noise=ddp needs a run under torchrun with 2 or more processes: use noise=micro")
+            self.ddp = attach_ddp_noise(state.net, self.noise)
 
     def on_batch_ready(self, state: LoopState) -> None:
         if self.tap is not None:
             self.tap.discard()  # backwards since the last step (SAM's second pass) are not this step's micro-batches
+        if hasattr(self.ddp, "discard"):
+            self.ddp.discard()  # nor are its all-reduces
 
     def on_before_optimizer_step(self, state: LoopState) -> None:
         inputs, targets = state.batch[:2]
         if self.source == "micro":
             self.tap.step(len(inputs), micro_batch_sizes=micro_batch_sizes(len(inputs), state.micro_batch_size))
+        elif self.source == "ddp":
+            self.ddp.step(len(inputs))  # every rank, with its shard's size
         elif len(inputs) > 1:
             from hasten.measure.per_example import per_example_sq_norms
 
@@ -85,7 +113,8 @@ class NoiseScaleCallback(Callback):
                               "noise/skipped": est.n_skipped})
 
     def _estimator(self) -> NoiseScale:
-        return self.tap.noise if self.tap is not None else self.noise  # the tap's hands over its last step first
+        meter = self.tap if self.tap is not None else self.ddp  # they hand over their last step first
+        return meter.noise if meter is not None else self.noise
 
     def estimate(self) -> NoiseScaleEstimate:
         return self._estimator().compute()
@@ -99,4 +128,4 @@ class NoiseScaleCallback(Callback):
         return self._estimator().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        (self.tap or self.noise).load_state_dict(state)
+        (self.tap or self.ddp or self.noise).load_state_dict(state)

@@ -58,8 +58,8 @@ def test_adaptive_follows_the_meter_with_adascale_lr(tmp_path):
     assert all(8 <= b <= 64 and b % 4 == 0 for b in planned) and len(set(planned)) > 1
     last = math.nan
     for prev, r in zip(rows, rows[1:]):
-        b = prev["noise/b_simple"]
-        last = b if math.isfinite(b) and b > 0 else last
+        b = prev["noise/b_simple"]  # None in the JSON while the estimate is still nan
+        last = b if b is not None and math.isfinite(b) and b > 0 else last
         gain = (1 + last / 8) / (1 + last / r["batch/planned"])  # AdaScale, Johnson et al. 2020
         assert r["lr"] == pytest.approx(0.1 * gain, rel=1e-9)
 

@@ -69,7 +69,8 @@ class NoiseScaleCallback(Callback):
         if source not in SOURCES:
             raise HastenError(f"noise={source!r}: choose {' or '.join(SOURCES)}")
         if precondition and source != "micro":
-            raise HastenError("precondition=true works with noise=micro only: set noise=micro or precondition=false")
+            where = " in one process (not under torchrun)" if source == "ddp" else ""
+            raise HastenError(f"precondition=true works with noise=micro{where} only: set precondition=false")
         self.source, self.horizon, self.precondition = source, horizon, precondition
         self.noise: NoiseScale | None = None
         self.tap = self.ddp = None

@@ -5,6 +5,7 @@
     python benchmarks/bench_noise_overhead.py --small all  # read every micro-batch's gradient (k reads per step)
     python benchmarks/bench_noise_overhead.py --ddp      # 2 gloo processes under torchrun, per-rank batch 128
     python benchmarks/bench_noise_overhead.py --ddp --model cnn   # the same with the fashion CNN
+    python benchmarks/bench_noise_overhead.py --ddp --hook python-allreduce  # a do-nothing Python hook: the floor
 
 Both variants train the same model on the same real Fashion-MNIST batches, interleaved in blocks (ABAB...) so drifts
 in machine load hit both alike; the ratio of medians over blocks is reported with its spread (min-max over blocks).
@@ -87,18 +88,28 @@ def single(blocks: int, steps: int, every: int = 1, small: str = "first") -> dic
                     tap.noise.compute().b_simple)
 
 
-def ddp_worker(blocks: int, steps: int, model_name: str = "mlp") -> None:
+def _python_allreduce_hook(_, bucket):  # no annotations: DDP checks them, and this file defers them
+    """DDP's default averaging all-reduce written as a Python hook: the floor of any Python communication hook."""
+    future = dist.all_reduce(bucket.buffer().div_(dist.get_world_size()), async_op=True).get_future()
+    return future.then(lambda fut: fut.value()[0])
+
+
+def ddp_worker(blocks: int, steps: int, model_name: str = "mlp", hook: str = "hasten") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     task, model, opt, x, y = _setup(model_name=model_name)
     plain = torch.nn.parallel.DistributedDataParallel(model)
     hooked = torch.nn.parallel.DistributedDataParallel(model)
-    state = attach_ddp_noise(hooked)
+    if hook == "hasten":
+        state = attach_ddp_noise(hooked)
+    else:  # python-allreduce: the cost of a Python hook itself, no meter
+        hooked.register_comm_hook(None, _python_allreduce_hook)
+        state = None
 
     def train_step(ddp, xb, yb, measure: bool):
         task.loss(ddp(xb), yb).backward()
-        if measure:
+        if measure and state is not None:
             state.step(len(xb))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -114,8 +125,9 @@ def ddp_worker(blocks: int, steps: int, model_name: str = "mlp") -> None:
             without.append(t_off)
             with_meter.append(t_on)
     if rank == 0:
-        source = f"DDP hook, fashion {model_name}, 2 ranks x 128"
-        print(json.dumps(_summary(source, without, with_meter, blocks, steps, state.noise.compute().b_simple)))
+        source = f"DDP {hook} hook, fashion {model_name}, 2 ranks x 128"
+        b_simple = state.noise.compute().b_simple if state is not None else float("nan")
+        print(json.dumps(_summary(source, without, with_meter, blocks, steps, b_simple)))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -128,15 +140,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--every", type=int, default=1, help="measure one step in N (micro-batch source)")
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="DDP: the fashion model")
+    p.add_argument("--hook", default="hasten", choices=["hasten", "python-allreduce"],
+                   help="DDP: the meter's hook, or a Python hook doing only the default all-reduce (its floor)")
     p.add_argument("--small", default="first", choices=["first", "all"], help="micro-batch gradients read per step")
     a = p.parse_args()
     if a.worker:
-        return ddp_worker(a.blocks, a.steps, a.model)
+        return ddp_worker(a.blocks, a.steps, a.model, a.hook)
     if a.ddp:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                               "--master_port=29533", __file__, "--worker", f"--blocks={a.blocks}",
-                              f"--steps={a.steps}", f"--model={a.model}"], env=env, capture_output=True, text=True, check=True)
+                              f"--steps={a.steps}", f"--model={a.model}", f"--hook={a.hook}"], env=env, capture_output=True, text=True, check=True)
         print(out.stdout.strip().splitlines()[-1])
     else:
         print(json.dumps(single(a.blocks, a.steps, a.every, a.small)))

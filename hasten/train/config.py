@@ -31,6 +31,7 @@ class TrainConfig:
     batch_stages: tuple[str, ...] = ()  # stages: rows until:batch[:lr_mult[:momentum]], until a fraction of the run
     grad_clip: float = 0.0  # max global gradient norm; 0 = off (noise is measured before clipping)
     eval_every: int = 200  # steps between evaluations on the test set (0 = only at the end)
+    eval_examples: int = 0  # evaluate on this many test examples (a fixed, seeded random subset); 0 = all of them
     checkpoint_every: int = 200  # steps between atomic checkpoints (0 = only at the end)
     keep_checkpoints: bool = False  # also keep a copy of every checkpoint (with its LR) for `hasten influence`
     seed: int = 0  # seeds model init, data order and every random draw

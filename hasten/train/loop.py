@@ -51,8 +51,8 @@ MAX_NONFINITE = 20  # consecutive non-finite steps before giving up
 EVAL_BATCH = 1024
 # Settings that may differ between a run and its resume: they do not change the training (device and threads
 # may change the last bits of the numbers).
-RESUMABLE_CHANGES = {"progress", "threads", "run_dir", "data", "device", "eval_every", "checkpoint_every",
-                     "keep_checkpoints"}
+RESUMABLE_CHANGES = {"progress", "threads", "run_dir", "data", "device", "eval_every", "eval_examples",
+                     "checkpoint_every", "keep_checkpoints"}
 # LoopState fields saved in a checkpoint and restored on resume.
 SAVED_STATE = ("step", "examples", "epoch", "batch_size", "micro_batch_size", "lr", "loss", "should_stop",
                "nonfinite_steps")
@@ -79,6 +79,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     source = noise_source(cfg.noise, world)
     micro = micro_batch_size(cfg, source)
     train, test = task.load(cfg.data or None)
+    test = eval_subset(test, cfg.eval_examples)
     if cfg.batch_size > len(train):
         raise HastenError(f"batch_size={cfg.batch_size} is larger than {task.name}'s training set ({len(train)} "
                           f"examples): use batch_size <= {len(train)}")
@@ -239,6 +240,16 @@ def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = EVAL_BATCH
         dist.all_reduce_sum(sums)
     loss_sum, metric_sum, metric_count = sums.tolist()
     return {"eval/loss": loss_sum / len(dataset), f"eval/{task.metric_name}": metric_sum / metric_count}
+
+
+def eval_subset(test, n: int):
+    """``n`` test examples (a fixed random subset, the same for every run and rank), or all of them if n is 0."""
+    if n < 0:
+        raise HastenError(f"eval_examples={n} must be 0 (the whole test set) or a positive number of examples")
+    if n == 0 or n >= len(test):
+        return test
+    keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return torch.utils.data.Subset(test, keep.tolist())
 
 
 def snapshot(state: LoopState, sampler: EpochSampler, callbacks: Callbacks, last_eval: dict, time: float) -> dict:

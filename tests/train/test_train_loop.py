@@ -205,3 +205,24 @@ def test_evaluating_and_checkpointing_draw_nothing_from_the_training_rng(tmp_pat
     assert results[0].metrics == results[1].metrics and results[0].loss == results[1].loss
     a, b = final_state(tmp_path / "0"), final_state(tmp_path / "1")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_examples_evaluates_a_fixed_subset(tmp_path):
+    from hasten.train.loop import eval_subset
+
+    task = tiny_task()
+    test = task.load(None)[1]
+    subset = eval_subset(test, 10)
+    assert len(subset) == 10 and len(set(subset.indices)) == 10 and subset.indices == eval_subset(test, 10).indices
+    assert eval_subset(test, 0) is test and eval_subset(test, len(test) + 5) is test
+    seen = {}
+
+    class Reference(Callback):
+        def on_evaluate(self, state):  # the mean loss over the subset, one example at a time
+            losses = [state.task.loss(state.model(x[None]), y[None]).item() for x, y in subset]
+            seen[state.step] = (state.metrics["eval/loss"], sum(losses) / len(losses))
+
+    fit(task, tiny_config(steps=4, eval_every=2, eval_examples=10), [Reference()], run_dir=tmp_path)
+    assert len(seen) == 2 and all(got == pytest.approx(ref, rel=1e-5) for got, ref in seen.values())
+    with pytest.raises(HastenError, match="eval_examples"):
+        fit(task, tiny_config(steps=1, eval_examples=-1), run_dir=tmp_path / "bad")

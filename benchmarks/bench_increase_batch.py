@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -221,8 +222,11 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="adaptive: c in B = c·B_simple or c·√(128·B_simple)")
     parser.add_argument("--max-batch", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3, help="timing: runs of each arm")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
     parser.add_argument("--out", type=Path, default=Path("bench_increase_batch.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     WORK.mkdir(parents=True, exist_ok=True)
     out = {"environment": environment(sys.argv), "args": {k: str(v) for k, v in vars(args).items()}}
     if args.section in ("increase", "all"):
@@ -232,6 +236,7 @@ def main() -> None:
     if args.section in ("adaptive", "all"):
         out["adaptive"] = adaptive(args)
     out["environment"]["load_average_end"] = os.getloadavg()
+    out["environment"]["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     args.out.write_text(json.dumps(out, indent=1, default=str))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,8 +68,10 @@ class RunLogger:
 
     Args:
         run_dir: the run's folder (``metrics.jsonl`` is appended to; truncate it first when resuming).
-        total_steps, start_step: for the progress bar and for TensorBoard's ``purge_step`` (events at or after
-            ``start_step + 1`` from a killed run are dropped, so replayed steps are not duplicated).
+        total_steps, start_step: for the progress bar; when resuming (``start_step`` > 0) the TensorBoard files are
+            rebuilt from ``metrics.jsonl`` (already truncated to ``start_step``), so a killed run's replayed steps
+            are not duplicated. (TensorBoard's ``purge_step`` relies on event files sorting by name in time order,
+            which fails when two writers of one process open files in the same second.)
         progress: show a rich progress bar (only when stdout is a terminal).
     """
 
@@ -79,7 +82,11 @@ class RunLogger:
         self._summary = Summary
         self.run_dir, self.total_steps = Path(run_dir), total_steps
         self.file = open(self.run_dir / METRICS, "a")
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if start_step:
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        for row in read_jsonl(self.run_dir / METRICS) if start_step else ():
+            self._tensorboard(row)
         self.bar = self.console = None
         if progress and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -97,10 +104,7 @@ class RunLogger:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         step = row["step"]
-        # One event per step holding every scalar: an event per scalar (add_scalar) costs ~13x more queue traffic.
-        values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()
-                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self.writer.file_writer.add_summary(self._summary(value=values), step)
+        self._tensorboard(row)
         if self.bar is not None:
             loss = row.get("train/loss")
             self.bar.update(self.task, completed=step, info="" if loss is None else f"loss {loss:.4g}")
@@ -110,6 +114,12 @@ class RunLogger:
                 self.console.print(line, highlight=False)  # above the bar
             else:
                 print(line, flush=True)
+
+    def _tensorboard(self, row: dict) -> None:
+        # One event per step holding every scalar: an event per scalar (add_scalar) costs ~13x more queue traffic.
+        values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self.writer.file_writer.add_summary(self._summary(value=values), row["step"])
 
     def close(self) -> None:
         if self.bar is not None:

@@ -4,6 +4,7 @@ masked-LM masking-rate schedule against a fixed 15%.
     python benchmarks/methods_bench.py methods --task fashion --model cnn --steps 500 --seeds 0,1
     python benchmarks/methods_bench.py tradeoff --task fashion --model cnn --steps 1500 --cycles 4
     python benchmarks/methods_bench.py mlm --steps 600 --seeds 0,1
+    python benchmarks/methods_bench.py summarize --inputs a.jsonl b.jsonl   # one table over runs recorded apart
 
 Practice of Bartoldson, Kailkhura & Blalock (2023): every arm gets the same step budget and seeds; the training
 clock starts after the first step and stops during evaluation (hasten.methods.tradeoff.EvalPoints), and both
@@ -137,7 +138,8 @@ def record(out: Path, kind: str, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["methods", "tradeoff", "mlm"])
+    parser.add_argument("kind", choices=["methods", "tradeoff", "mlm", "summarize"])
+    parser.add_argument("--inputs", nargs="*", default=[], help="summarize: JSON-lines files written by --out")
     parser.add_argument("--task", default="fashion")
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--steps", type=int, default=500)
@@ -149,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keys", default="", help="extra key=value training keys, space separated")
     parser.add_argument("--out", default="methods_bench.jsonl")
     args = parser.parse_args(argv)
+    if args.kind == "summarize":  # e.g. a seed added later to a benchmark recorded earlier
+        runs = [json.loads(line)["run"] for path in args.inputs for line in open(path) if line.strip()]
+        runs = [r for r in runs if r.get("points")]
+        rows, target = summarize(runs, args.target_drop)
+        print(markdown(rows, target, runs[0]["metric"]))
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     keys = ([f"model={args.model}"] if args.model and args.kind != "mlm" else []) + args.keys.split()
     out = Path(args.out)

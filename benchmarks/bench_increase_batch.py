@@ -76,18 +76,20 @@ class Curve(Callback):
                             state.metrics["batch_size"], state.metrics.get("noise/b_simple")))
 
 
-def run_increase(seed: int, arm: str, lr: float, epochs: float, model: str) -> dict:
+def run_increase(seed: int, arm: str, lr: float, epochs: float, model: str, max_batch: int | None = None) -> dict:
     steps = round(epochs * TRAIN / BASE)  # the run's length in steps of 128 examples
     ms = [m * steps * BASE for m in MILESTONES]
     if arm == "fixed":  # batch 128 throughout, LR ÷5 at each milestone
         plan = stages([(u, BASE, FACTOR**-i) for i, u in enumerate([*ms, math.inf])])
-    else:  # batch ×5 at each milestone, LR unchanged (no maximum batch: 128·5³ = 16,000 fits)
+    elif arm == "increase":  # batch ×5 at each milestone, LR unchanged (no maximum batch: 128·5³ = 16,000 fits)
         plan = increase_batch(BASE, ms, FACTOR)
+    else:  # hybrid: the same up to max_batch, then the LR decays instead (Smith et al. 2017, hybrid)
+        plan = increase_batch(BASE, ms, FACTOR, max_batch=max_batch)
     cfg = config(seed, model, steps=steps, batch_size=BASE, lr=lr, schedule="constant", noise="off")
     cpu = time.process_time()
     result = fit(get_task("fashion"), cfg, [BatchScheduleCallback(plan, constant())], run_dir=WORK / f"inc-{arm}",
                  resume=False)
-    return {"arm": arm, "seed": seed, "lr": lr, "accuracy": result.metrics["eval/accuracy"],
+    return {"arm": arm, "seed": seed, "lr": lr, "max_batch": max_batch, "accuracy": result.metrics["eval/accuracy"],
             "loss": result.metrics["eval/loss"], "steps": result.steps, "examples": result.examples,
             "seconds": result.wall_time, "cpu_seconds": time.process_time() - cpu}
 
@@ -127,16 +129,17 @@ def increase(args) -> dict:
     tuning = [run_increase(args.seeds[0], "fixed", lr, args.epochs, args.model) for lr in lrs] if len(lrs) > 1 else []
     lr = max(tuning, key=lambda r: r["accuracy"])["lr"] if tuning else lrs[0]
     runs = [r for r in tuning if r["lr"] == lr]
+    arms = args.arms or ["fixed", "increase"]
     for seed in args.seeds:
-        for arm in ("increase", "fixed") if seed % 2 else ("fixed", "increase"):  # alternate: spread machine load
+        for arm in arms[::-1] if seed % 2 else arms:  # alternate: spread machine load
             if not any(r["seed"] == seed and r["arm"] == arm for r in runs):
-                runs.append(run_increase(seed, arm, lr, args.epochs, args.model))
+                runs.append(run_increase(seed, arm, lr, args.epochs, args.model, args.max_batch))
                 print(json.dumps(runs[-1]), flush=True)
     print(f"\n### fashion {args.model}: fixed batch 128 + step LR decay vs increase_batch ({args.epochs} epochs, "
           f"lr {lr}; LR tuning on seed {args.seeds[0]}: "
           + ", ".join(f"{r['lr']}: {r['accuracy']:.4f}" for r in tuning) + ")\n")
     print("| schedule | test accuracy (%) | optimizer steps | wall-clock (s) | CPU time (s) |\n|---|---|---|---|---|")
-    for arm in ("fixed", "increase"):
+    for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
         print(f"| {arm} | {spread([100 * r['accuracy'] for r in rs], 2)} | {spread([r['steps'] for r in rs])} | "
               f"{spread([r['seconds'] for r in rs], 1)} | {spread([r['cpu_seconds'] for r in rs], 1)} |")
@@ -220,7 +223,9 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.85, 0.87])
     parser.add_argument("--eval-examples", type=int, default=7_680)
     parser.add_argument("--scale", type=float, default=1.0, help="adaptive: c in B = c·B_simple or c·√(128·B_simple)")
-    parser.add_argument("--max-batch", type=int, default=8192)
+    parser.add_argument("--max-batch", type=int, default=8192, help="adaptive: largest batch; increase: the hybrid arm's cap")
+    parser.add_argument("--arms", nargs="+", choices=["fixed", "increase", "hybrid"], default=None,
+                        help="increase: the arms to run (default fixed increase)")
     parser.add_argument("--repeats", type=int, default=3, help="timing: runs of each arm")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
     parser.add_argument("--out", type=Path, default=Path("bench_increase_batch.json"))

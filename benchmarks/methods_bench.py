@@ -3,7 +3,7 @@ masked-LM masking-rate schedule against a fixed 15%.
 
     python benchmarks/methods_bench.py methods --task fashion --model cnn --steps 500 --seeds 0,1
     python benchmarks/methods_bench.py tradeoff --task fashion --model cnn --steps 1500 --cycles 4
-    python benchmarks/methods_bench.py mlm --steps 600 --seeds 0,1
+    python benchmarks/methods_bench.py mlm --steps 2000 --eval-every 500 --seeds 0,1,2
     python benchmarks/methods_bench.py summarize --inputs a.jsonl b.jsonl   # one table over runs recorded apart
 
 Practice of Bartoldson, Kailkhura & Blalock (2023): every arm gets the same step budget and seeds; the training
@@ -129,6 +129,26 @@ def markdown(rows: list[dict], target: float, metric: str) -> str:
     return "\n".join(lines)
 
 
+def mlm_table(runs: list[dict]) -> str:
+    """Per arm and evaluation point: mean ± sd over seeds of the masked loss and accuracy, and the paired
+    (same-seed) differences from the fixed-15% reference."""
+    lines = ["| arm | steps | n | masked loss | masked accuracy | paired Δ accuracy | paired Δ loss |",
+             "|---|---|---|---|---|---|---|"]
+    base = {r["seed"]: r for r in runs if r["methods"] == "baseline"}
+    for arm in dict.fromkeys(r["methods"] for r in runs):
+        group = [r for r in runs if r["methods"] == arm]
+        for i, point in enumerate(group[0]["points"]):
+            loss = [r["points"][i]["eval/loss"] for r in group]
+            acc = [r["points"][i]["eval/masked accuracy"] for r in group]
+            pairs = [(r["points"][i]["eval/masked accuracy"] - base[r["seed"]]["points"][i]["eval/masked accuracy"],
+                      r["points"][i]["eval/loss"] - base[r["seed"]]["points"][i]["eval/loss"])
+                     for r in group if arm != "baseline" and r["seed"] in base]
+            lines.append(f"| {arm} | {point['steps']} | {len(group)} | {_ms(loss)} | {_ms(acc)} | "
+                         + (" / ".join(f"{a:+.4f}" for a, _ in pairs) or "-") + " | "
+                         + (" / ".join(f"{b:+.4f}" for _, b in pairs) or "-") + " |")
+    return "\n".join(lines)
+
+
 def record(out: Path, kind: str, payload: dict) -> None:
     row = {"kind": kind, "command": shlex.join([sys.executable, *sys.argv]),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": environment(), **payload}
@@ -156,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         runs = [r for r in runs if r.get("points")]
         rows, target = summarize(runs, args.target_drop)
         print(markdown(rows, target, runs[0]["metric"]))
+        if runs[0]["metric"] == "eval/masked accuracy":
+            print("\n" + mlm_table(runs))
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     keys = ([f"model={args.model}"] if args.model and args.kind != "mlm" else []) + args.keys.split()
@@ -193,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{last['cpu_seconds']:.1f} CPU s", flush=True)
     rows, target = summarize(runs, args.target_drop)
     print(markdown(rows, target, runs[0]["metric"]))
+    if args.kind == "mlm":
+        print("\n" + mlm_table(runs))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class NoiseScaleCallback(Callback):
             raise HastenError(f"precondition=true works with noise=micro{where} only: set precondition=false")
         self.source, self.horizon, self.precondition = source, horizon, precondition
         self.noise: NoiseScale | None = None
-        self.tap = self.ddp = None
+        self.meter = None  # MicroBatchTap (micro) or DDPNoiseState (ddp): both feed self.noise
 
     def on_fit_start(self, state: LoopState) -> None:
         self.noise = NoiseScale(horizon=self.horizon, dataset_size=state.train_size)
@@ -83,26 +83,24 @@ class NoiseScaleCallback(Callback):
             if self.precondition and not isinstance(state.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
                 raise HastenError("precondition=true needs optimizer=adam (it divides by Adam's √v̂+ε)")
             optimizer = state.optimizer if self.precondition else None
-            self.tap = MicroBatchTap(state.model, self.noise, precondition=optimizer)
+            self.meter = MicroBatchTap(state.model, self.noise, precondition=optimizer)
         elif self.source == "ddp":
             from hasten.measure import attach_ddp_noise
 
             if not isinstance(state.net, torch.nn.parallel.DistributedDataParallel):
                 raise HastenError("noise=ddp needs a run under torchrun with 2 or more processes: use noise=micro")
-            self.ddp = attach_ddp_noise(state.net, self.noise)
+            self.meter = attach_ddp_noise(state.net, self.noise)
 
     def on_batch_ready(self, state: LoopState) -> None:
-        if self.tap is not None:
-            self.tap.discard()  # backwards since the last step (SAM's second pass) are not this step's micro-batches
-        if hasattr(self.ddp, "discard"):
-            self.ddp.discard()  # nor are its all-reduces
+        if self.meter is not None:  # backwards and all-reduces since the last step (SAM's second pass) are not
+            self.meter.discard()  # this step's micro-batches
 
     def on_before_optimizer_step(self, state: LoopState) -> None:
         inputs, targets = state.batch[:2]
         if self.source == "micro":
-            self.tap.step(len(inputs), micro_batch_sizes=micro_batch_sizes(len(inputs), state.micro_batch_size))
+            self.meter.step(len(inputs), micro_batch_sizes=micro_batch_sizes(len(inputs), state.micro_batch_size))
         elif self.source == "ddp":
-            self.ddp.step(len(inputs))  # every rank, with its shard's size
+            self.meter.step(len(inputs))  # every rank, with its shard's size
         elif len(inputs) > 1:
             from hasten.measure.per_example import per_example_sq_norms
 
@@ -113,20 +111,16 @@ class NoiseScaleCallback(Callback):
                               "noise/grad_sq": est.grad_sq, "noise/trace_cov": est.trace_cov,
                               "noise/skipped": est.n_skipped})
 
-    def _estimator(self) -> NoiseScale:
-        meter = self.tap if self.tap is not None else self.ddp  # they hand over their last step first
-        return meter.noise if meter is not None else self.noise
-
     def estimate(self) -> NoiseScaleEstimate:
-        return self._estimator().compute()
+        return self.noise.compute()
 
     def on_fit_end(self, state: LoopState) -> None:
-        if self.tap is not None:
-            self.tap.remove()
-            self.tap = None
+        if self.source == "micro" and self.meter is not None:
+            self.meter.remove()  # the tap's tensor hooks (DDP's communication hook stays with the DDP wrapper)
+        self.meter = None
 
     def state_dict(self) -> dict:
-        return self._estimator().state_dict()
+        return self.noise.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        (self.tap or self.ddp or self.noise).load_state_dict(state)
+        self.noise.load_state_dict(state)

@@ -3,9 +3,11 @@
 Each rank's gradient before the all-reduce is a batch of its b_r local examples (B_small); the averaged gradient
 after it is the global batch (B_big), at the same parameters (McCandlish et al. 2018, arXiv:1812.06162, App. A.1).
 A DDP communication hook does the usual averaging all-reduce (``default_hooks.allreduce_hook``: divide by the world
-size, sum) and reads |g_r|² of every bucket before it; ``step`` reads |ḡ|² from the averaged ``.grad`` (one fused
-pass). The ranks' mean of |g_r|² and of 1/b_r travel as three extra numbers appended to the last bucket of the step,
-so the meter adds no collective and no wait:
+size, sum, asynchronously) and reads |g_r|² of every bucket before it and |ḡ|² of the averaged bucket in the
+all-reduce's callback. The ranks' mean of |g_r|² and of 1/b_r travel as three extra numbers appended to a copy of the
+last bucket of the step (the copy fused with the division, into a buffer kept between steps), so the meter adds no
+collective and no wait; per measured step it reads the gradient twice and writes it once. With ``every=N`` the
+other steps run the plain all-reduce:
 
 >>> state = attach_ddp_noise(ddp_model)           # before the first backward       # doctest: +SKIP
 >>> loss_fn(ddp_model(x), y).backward()                                             # doctest: +SKIP
@@ -35,8 +37,10 @@ _EXTRA = 3  # numbers appended to the last bucket: |g_r|² (all buckets), 1/b_r,
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-    return torch.linalg.vector_norm(t, dtype=dtype).square()
+    """|t|² of a flat bucket: one dot product (half precision: a float32 norm, squared)."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    return torch.dot(t, t)
 
 
 def first_dim(args: tuple, kwargs: dict) -> int:
@@ -48,101 +52,156 @@ def first_dim(args: tuple, kwargs: dict) -> int:
 
 
 class DDPNoiseState:
-    """State of :func:`noise_scale_hook`: this step's squared norms and examples, and the estimator they feed."""
+    """State of :func:`noise_scale_hook`: this step's squared norms and examples, and the estimator they feed.
 
-    def __init__(self, noise: NoiseScale | None = None, process_group=None, params=()):
+    ``every``: measure one optimizer step in ``every``; on the others the hook is DDP's plain averaging all-reduce
+    (the estimate stays unbiased; its variance grows by about that factor). Every rank counts the same steps.
+    """
+
+    def __init__(self, noise: NoiseScale | None = None, process_group=None, every: int = 1):
+        if every < 1:
+            raise HastenError(f"every must be a positive number of steps, got {every}")
         self.noise = noise if noise is not None else NoiseScale()
         self.process_group = process_group
-        self.params = list(params)  # whose averaged .grad step() reads
+        self.every, self._steps = every, 0
+        self.measuring = True  # whether the hook records this step (one step in `every`)
         self.examples = 0  # counted by the forward pre-hook since the last step
-        self._local: dict[int, torch.Tensor] = {}  # bucket index -> |local mean gradient|² (before the all-reduce)
+        self._world: int | None = None
+        self._local: list[torch.Tensor] = []  # |local mean gradient|² of each bucket (before the all-reduce)
+        self._big: list[torch.Tensor] = []  # |averaged gradient|² of the last bucket (after the all-reduce)
+        self._reduced: list[torch.futures.Future] = []  # the other buckets' all-reduces: their averaged gradients
         self._fires: dict[int, int] = {}  # bucket index -> all-reduces since the last step (must be 1)
-        self._extra: torch.Tensor | None = None  # the ranks' means of the _EXTRA numbers, once all-reduced
+        self._extra: torch.Tensor | None = None  # the ranks' sums of the _EXTRA numbers, once all-reduced
+        self._packed: dict[tuple, torch.Tensor] = {}  # reused buffer for the last bucket plus the _EXTRA numbers
 
     def _group(self):
         return self.process_group if self.process_group is not None else dist.group.WORLD
+
+    def world(self) -> int:
+        if self._world is None:
+            self._world = dist.get_world_size(self._group())
+        return self._world
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps seen (measured or not): the phase of ``every``, kept in :meth:`state_dict`."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps, self.measuring = value, value % self.every == 0
 
     def step(self, local_batch_size: int | None = None) -> bool:
         """Feed this step's pair to ``noise``; call on every rank after backward, before ``optimizer.step()``.
 
         ``local_batch_size`` (optional) is checked against the examples the forward pre-hook counted. Returns False
-        (no measurement, no error) with one rank or when some rank's hook did not fire exactly once per bucket;
-        non-finite norms are counted as skips by the estimator. Waits for nothing but DDP's own all-reduce.
+        (no measurement, no error) with one rank, on the steps ``every`` skips, or when some rank's hook did not
+        fire exactly once per bucket; non-finite norms are counted as skips by the estimator. Waits for nothing but
+        DDP's own all-reduce.
         """
-        extra, examples = self._extra, self.examples
+        extra, big, reduced, examples, measured = self._extra, self._big, self._reduced, self.examples, self.measuring
         self.discard()
-        world = dist.get_world_size(self._group())
+        self.steps += 1
         if local_batch_size is not None and local_batch_size != examples:
             raise HastenError(
                 f"step(local_batch_size={local_batch_size}) but the DDP model's forwards since the last step held "
                 f"{examples} examples: pass batch_size_fn=... to attach_ddp_noise if the batch is not dimension 0"
             )
-        if world < 2 or extra is None:
+        world = self.world()
+        if world < 2 or extra is None or not measured:
             return False
-        grads = [p.grad for p in self.params if p.grad is not None]
-        dtype = torch.float32 if any(g.dtype in (torch.float16, torch.bfloat16) for g in grads) else None
-        big_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)))
-        sq_small, inv_b, any_bad, big_norm = torch.cat([extra, big_norm.to(extra).view(1)]).tolist()  # one sync
-        sq_big = big_norm**2
+        big = big + [_sq_norm(future.wait()) for future in reduced]  # completed: DDP waited for them
+        values = torch.cat([extra, torch.stack(big).to(extra)]).tolist()  # the one host sync
+        sq_small, inv_b, any_bad = (v / world for v in values[:_EXTRA])  # the ranks' means
         if any_bad > 0:
             return False  # some rank's hook fired twice in a bucket, or its forwards saw no examples
         b_small = 1.0 / inv_b  # harmonic mean of the local batch sizes
-        return self.noise.update(sq_small=sq_small, b_small=b_small, sq_big=sq_big, b_big=world * b_small)
+        return self.noise.update(sq_small=sq_small, b_small=b_small, sq_big=sum(values[_EXTRA:]),
+                                 b_big=world * b_small)
 
     def discard(self) -> None:
         """Forget the forwards and all-reduces since the last :meth:`step` (e.g. SAM's second pass, which would
         count as a second all-reduce of the next step); call on every rank before the next step's first forward."""
-        self._local, self._fires, self._extra, self.examples = {}, {}, None, 0
+        self._local, self._big, self._reduced, self._fires, self._extra = [], [], [], {}, None
+        self.examples = 0
 
-    def _extras(self, device: torch.device) -> torch.Tensor:
-        """This rank's _EXTRA numbers, in float64, when its last bucket is ready."""
-        bad = self.examples <= 0 or max(self._fires.values()) != 1
-        sq_local = torch.stack(list(self._local.values())).sum().to(device, torch.float64)
-        flags = torch.tensor([1.0 / max(self.examples, 1), float(bad)], dtype=torch.float64, device=device)
-        return torch.cat([sq_local.view(1), flags])
+    def _write_extras(self, out: torch.Tensor) -> None:
+        """This rank's _EXTRA numbers into ``out`` (3 elements), when its last bucket is ready."""
+        out[0] = self._local[0] if len(self._local) == 1 else torch.stack(self._local).sum()
+        out[1] = 1.0 / max(self.examples, 1)
+        out[2] = float(self.examples <= 0 or max(self._fires.values()) != 1)
+
+    def _packed_buffer(self, bucket_buffer: torch.Tensor) -> torch.Tensor:
+        key = (bucket_buffer.numel(), bucket_buffer.dtype, bucket_buffer.device)
+        if key not in self._packed:  # DDP copies the result out into .grad before the next step writes here
+            self._packed[key] = bucket_buffer.new_empty(bucket_buffer.numel() + _EXTRA)
+        return self._packed[key]
 
     def state_dict(self) -> dict:
-        return self.noise.state_dict()
+        return {**self.noise.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.steps = state.pop("steps", 0)
         self.noise.load_state_dict(state)
 
 
-def _value(fut: torch.futures.Future) -> torch.Tensor:
+def _averaged(state: DDPNoiseState, buffer: torch.Tensor, record: bool) -> torch.futures.Future:
+    """DDP's default: all-reduce the bucket divided by the world size, asynchronously. If ``record``, the future is
+    kept and :meth:`DDPNoiseState.step` reads the averaged bucket's norm from it, on the training thread: no Python
+    work in callbacks on gloo's threads (tensors made there crashed the interpreter's exit now and then)."""
+    future = dist.all_reduce(buffer.div_(state.world()), group=state._group(), async_op=True).get_future()
+    future = future.then(_first)
+    if record:
+        state._reduced.append(future)
+    return future
+
+
+def _first(fut: torch.futures.Future) -> torch.Tensor:
     return fut.value()[0]  # a Python hook's future must hold the tensor itself, not c10d's list of tensors
 
 
 def noise_scale_hook(state: DDPNoiseState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: the default averaging all-reduce, recording |g_r|² before it; the last bucket of the
-    step carries the rank's :data:`_EXTRA` numbers appended to its gradients."""
-    group = state._group()
-    world = dist.get_world_size(group)
-    buffer, index = bucket.buffer(), bucket.index()
-    state._local[index] = _sq_norm(buffer)  # the local mean gradient: DDP leaves averaging to the hook
+    """DDP communication hook: the default averaging all-reduce, recording |g_r|² before it and |ḡ|² after it; the
+    last bucket of a measured step carries the rank's :data:`_EXTRA` numbers appended to its gradients."""
+    buffer = bucket.buffer()
+    if not state.measuring:
+        return _averaged(state, buffer, record=False)
+    state._local.append(_sq_norm(buffer))  # the local mean gradient: DDP leaves averaging to the hook
+    index = bucket.index()
     state._fires[index] = state._fires.get(index, 0) + 1
-    if not bucket.is_last() or buffer.dtype not in (torch.float32, torch.float64):
-        if bucket.is_last():  # a half-precision bucket cannot hold squared norms: their own small all-reduce
-            extra = state._extras(buffer.device).div_(world)
-            dist.all_reduce(extra, group=group)
-            state._extra = extra
-        return dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future().then(_value)
+    if not bucket.is_last():
+        return _averaged(state, buffer, record=True)
+    if buffer.dtype not in (torch.float32, torch.float64):  # a half-precision bucket cannot hold squared norms:
+        extra = torch.empty(_EXTRA, dtype=torch.float64, device=buffer.device)  # their own small all-reduce
+        state._write_extras(extra)
+        dist.all_reduce(extra, group=state._group())
+        state._extra = extra
+        return _averaged(state, buffer, record=True)
     n = buffer.numel()
-    packed = torch.cat([buffer, state._extras(buffer.device).to(buffer.dtype)]).div_(world)  # one copy
-    # The last bucket has no backward left to overlap with: all-reduce it in place of waiting for a callback.
-    dist.all_reduce(packed, group=group)
-    state._extra = packed[n:].double()
+    packed = state._packed_buffer(buffer)
+    torch.mul(buffer, 1.0 / state.world(), out=packed[:n])  # the copy and DDP's division in one pass
+    state._write_extras(packed[n:])  # summed, not averaged: step() divides by the world size on the host
+    # The last bucket has nothing left to overlap with: all-reduce it here rather than in a callback on gloo's thread.
+    dist.all_reduce(packed, group=state._group())
+    state._extra = packed[n:].clone()  # the buffer is reused next step
+    state._big.append(_sq_norm(packed[:n]))
     future = torch.futures.Future()
     future.set_result(packed[:n])
     return future
 
 
 def attach_ddp_noise(
-    ddp_model, noise: NoiseScale | None = None, *, batch_size_fn: Callable[[tuple, dict], int] = first_dim
+    ddp_model,
+    noise: NoiseScale | None = None,
+    *,
+    batch_size_fn: Callable[[tuple, dict], int] = first_dim,
+    every: int = 1,
 ) -> DDPNoiseState:
     """Register :func:`noise_scale_hook` (and an example-counting forward pre-hook) on a DistributedDataParallel
-    model, before its first backward. ``batch_size_fn(args, kwargs)`` gives a forward call's number of examples."""
-    params = [p for p in ddp_model.parameters() if p.requires_grad]
-    state = DDPNoiseState(noise, process_group=getattr(ddp_model, "process_group", None), params=params)
+    model, before its first backward. ``batch_size_fn(args, kwargs)`` gives a forward call's number of examples;
+    ``every`` measures one step in that many (see :class:`DDPNoiseState`)."""
+    state = DDPNoiseState(noise, process_group=getattr(ddp_model, "process_group", None), every=every)
 
     def count(module, args, kwargs):
         if torch.is_grad_enabled() and module.training:

@@ -102,6 +102,16 @@ class MicroBatchTap:
         self._active = [True]  # whether the hooks measure this step (a list: the hooks hold it)
         self._handles = [p.register_hook(self._make_hook(i, p)) for i, p in enumerate(self._params)]
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps seen (measured or not): the phase of ``every``, kept in :meth:`state_dict`."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = value
+        self._active[0] = value % self.every == 0
+
     def _make_hook(self, index: int, param: torch.Tensor):
         norms, counts, active, norm = self._norms, self._counts, self._active, torch.linalg.vector_norm
         dtype = torch.float32 if param.dtype in _LOW_PRECISION else None
@@ -161,8 +171,7 @@ class MicroBatchTap:
         """
         norms, k, scales = self._norms[:], max(self._counts), self._scales
         self.discard()
-        self._steps += 1
-        self._active[0] = self._steps % self.every == 0
+        self.steps += 1
         if not loss_scale > 0:
             raise HastenError(f"loss_scale must be positive, got {loss_scale}")
         if micro_batch_sizes is not None:
@@ -183,21 +192,19 @@ class MicroBatchTap:
                         return False
                     g = g * scale
                 grads.append(g)
-        small_norm = self._norm_of(norms)  # √Σ|g|²: squared on the host, after the one sync
-        if grads:
-            big_norm = self._norm_of(torch._foreach_norm(grads, 2, dtype=self._norm_dtype))
-        else:
-            big_norm = torch.zeros_like(small_norm)
-        small_norm, big_norm = torch.stack([small_norm, big_norm]).tolist()  # the one host sync
+        big = torch._foreach_norm(grads, 2, dtype=self._norm_dtype) if grads else []
+        values = self._host_values([*norms, *big])  # the one host sync; squares summed there, in double
+        sq_micro = sum(v * v for v in values[: len(norms)])
+        sq_accumulated = sum(v * v for v in values[len(norms) :])
         divisor = accumulation_steps if accumulation_steps is not None else k
         measured = 1 if self.small == "first" else k
-        sq_small, sq_big = micro_batch_pair(small_norm**2, big_norm**2, k, divisor, loss_scale, measured)
+        sq_small, sq_big = micro_batch_pair(sq_micro, sq_accumulated, k, divisor, loss_scale, measured)
         return self.noise.update(sq_small=sq_small, b_small=batch_size // k, sq_big=sq_big, b_big=batch_size)
 
-    def _norm_of(self, norms) -> torch.Tensor:
+    def _host_values(self, norms: list) -> list[float]:
         if self._device is not None:
             norms = [n.to(self._device) for n in norms]
-        return torch.linalg.vector_norm(torch.stack(norms))
+        return torch.stack(norms).tolist()
 
     def remove(self) -> None:
         """Remove the hooks (the estimator keeps its state)."""
@@ -206,7 +213,9 @@ class MicroBatchTap:
         self._handles = []
 
     def state_dict(self) -> dict:
-        return self.noise.state_dict()
+        return {**self.noise.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.steps = state.pop("steps", 0)
         self.noise.load_state_dict(state)

@@ -37,6 +37,8 @@ class TrainConfig:
     seed: int = 0  # seeds model init, data order and every random draw
     noise: str = "micro"  # noise-scale source: micro (micro-batches; torchrun: ddp) | per_example | ddp | off
     noise_horizon: float = 0.0  # EMA horizon in examples for the noise scale; 0 = auto (a fifth of the run's examples); -1 = running mean over the whole run
+    noise_every: int = 1  # measure one step in this many (micro, ddp): less overhead, same mean, more variance
+    noise_small: str = "first"  # micro: read the first micro-batch's gradient (first) or every one's (all)
     precondition: bool = False  # measure Adam-preconditioned gradients g/(sqrt(v_hat)+eps) instead of raw
     run_dir: str = ""  # where metrics, checkpoints and the report go ("" = runs/<task>-<seed>)
     progress: bool = True  # show a progress bar

@@ -102,7 +102,8 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     ckpt = prepare_run_dir(run_dir, cfg, resume, clean=main)  # every rank reads the checkpoint
     callbacks = list(callbacks)
     if source != "off" and not any(isinstance(c, NoiseScaleCallback) for c in callbacks):
-        callbacks.insert(0, NoiseScaleCallback(source, horizon_from_config(cfg), cfg.precondition))
+        callbacks.insert(0, NoiseScaleCallback(source, horizon_from_config(cfg), cfg.precondition, cfg.noise_every,
+                                               cfg.noise_small))
     if cfg.batch != "fixed" and not any(isinstance(c, BatchScheduleCallback) for c in callbacks):
         callbacks.append(BatchScheduleCallback())  # sets batch size, LR and momentum at batch_start
     callbacks = Callbacks([*callbacks, *methods])

@@ -61,17 +61,27 @@ class NoiseScaleCallback(Callback):
         source: "micro" (needs micro_batch_size < batch_size), "per_example" or "ddp" (under torchrun).
         horizon: EMA horizon in examples; None = running mean over the run.
         precondition: measure Adam-preconditioned gradients g/(√v̂+ε) instead of raw ones (micro source only).
+        every: measure one optimizer step in ``every`` (micro and ddp sources): the meter's cost shrinks by that
+            factor, the estimate stays unbiased and its variance grows by about that factor.
+        small: micro source: "first" reads the first micro-batch's gradient, "all" every micro-batch's (lower
+            variance, one more read of the gradient per micro-batch).
     """
 
     name = "noise"
 
-    def __init__(self, source: str = "micro", horizon: float | None = None, precondition: bool = False):
+    def __init__(self, source: str = "micro", horizon: float | None = None, precondition: bool = False,
+                 every: int = 1, small: str = "first"):
         if source not in SOURCES:
             raise HastenError(f"noise={source!r}: choose {' or '.join(SOURCES)}")
         if precondition and source != "micro":
             where = " in one process (not under torchrun)" if source == "ddp" else ""
             raise HastenError(f"precondition=true works with noise=micro{where} only: set precondition=false")
+        if every < 1:
+            raise HastenError(f"noise_every={every}: give a positive number of steps (1 = measure every step)")
+        if small not in ("first", "all"):
+            raise HastenError(f"noise_small={small!r}: choose first (one micro-batch read per step) or all")
         self.source, self.horizon, self.precondition = source, horizon, precondition
+        self.every, self.small = every, small
         self.noise: NoiseScale | None = None
         self.meter = None  # MicroBatchTap (micro) or DDPNoiseState (ddp): both feed self.noise
 
@@ -83,13 +93,14 @@ class NoiseScaleCallback(Callback):
             if self.precondition and not isinstance(state.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
                 raise HastenError("precondition=true needs optimizer=adam (it divides by Adam's √v̂+ε)")
             optimizer = state.optimizer if self.precondition else None
-            self.meter = MicroBatchTap(state.model, self.noise, precondition=optimizer)
+            self.meter = MicroBatchTap(state.model, self.noise, precondition=optimizer, every=self.every,
+                                       small=self.small)
         elif self.source == "ddp":
             from hasten.measure import attach_ddp_noise
 
             if not isinstance(state.net, torch.nn.parallel.DistributedDataParallel):
                 raise HastenError("noise=ddp needs a run under torchrun with 2 or more processes: use noise=micro")
-            self.meter = attach_ddp_noise(state.net, self.noise)
+            self.meter = attach_ddp_noise(state.net, self.noise, every=self.every)
 
     def on_batch_ready(self, state: LoopState) -> None:
         if self.meter is not None:  # backwards and all-reduces since the last step (SAM's second pass) are not
@@ -101,7 +112,7 @@ class NoiseScaleCallback(Callback):
             self.meter.step(len(inputs), micro_batch_sizes=micro_batch_sizes(len(inputs), state.micro_batch_size))
         elif self.source == "ddp":
             self.meter.step(len(inputs))  # every rank, with its shard's size
-        elif len(inputs) > 1:
+        elif len(inputs) > 1 and state.step % self.every == 0:  # state.step: finished steps, kept on resume
             from hasten.measure.per_example import per_example_sq_norms
 
             sq_norms, big_sq = per_example_sq_norms(state.model, state.loss_fn, inputs, targets)
@@ -120,7 +131,10 @@ class NoiseScaleCallback(Callback):
         self.meter = None
 
     def state_dict(self) -> dict:
-        return self.noise.state_dict()
+        return self.meter.state_dict() if self.meter is not None else self.noise.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.noise.load_state_dict(state)
+        if self.meter is not None:
+            self.meter.load_state_dict(state)  # the estimate and the phase of `every`
+        else:
+            self.noise.load_state_dict({k: v for k, v in state.items() if k != "steps"})

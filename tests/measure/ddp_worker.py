@@ -20,6 +20,16 @@ from hasten.measure import NoiseScale, attach_ddp_noise
 LOCAL_BATCHES = (48, 64, 32)
 
 
+class Recording(NoiseScale):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def update(self, **pair):
+        self.calls.append(pair)
+        return super().update(**pair)
+
+
 def main(setup_path: str, out_dir: str, steps: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,9 +75,23 @@ def main(setup_path: str, out_dir: str, steps: int) -> None:
         mismatch = ""
     except HastenError as e:
         mismatch = str(e)
+    # every=2 measures steps 0 and 2 with the same pairs as a meter measuring every step, and skips 1 and 3.
+    nets = [DDP(torch.nn.Linear(x.shape[1], setup["n_classes"]), bucket_cap_mb=0.0005) for _ in range(2)]
+    meters = []
+    for net, every in zip(nets, (2, 1)):
+        net.module.load_state_dict(setup["state"])
+        meters.append(attach_ddp_noise(net, Recording(), every=every))
+    every_accepted = []
+    for step in range(4):
+        mine = torch.arange(32) + 64 * step + 32 * rank
+        for net in nets:
+            net.zero_grad(set_to_none=True)
+            loss_fn(net(x[mine]), y[mine]).backward()
+        every_accepted.append([meter.step(32) for meter in meters])
+    every = dict(accepted=every_accepted, calls=[m.noise.calls for m in meters], steps=meters[0].state_dict()["steps"])
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(dict(estimate=estimate, accepted=accepted, twice=accepted_twice, after_discard=after_discard,
-                       mismatch=mismatch), f)
+                       mismatch=mismatch, every=every), f)
     dist.barrier()  # no rank tears the group down while another still finishes its last collective
     dist.destroy_process_group()
 

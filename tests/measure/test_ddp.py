@@ -35,6 +35,9 @@ def test_ddp_hook_matches_brute_force(problem, tmp_path):
     assert rank0 == rank1  # every rank holds the identical estimate
     assert all(rank0["accepted"]) and rank0["twice"] is False and rank0["after_discard"] is True
     assert "held 32 examples" in rank0["mismatch"]
+    every = rank0["every"]  # every=2 beside every=1 on the same four batches, at fixed parameters
+    assert every["accepted"] == [[True, True], [False, True], [True, True], [False, True]]
+    assert every["calls"][0] == [every["calls"][1][0], every["calls"][1][2]] and every["steps"] == 4
     est = rank0["estimate"]
     assert est["n_steps"] == STEPS and est["n_skipped"] == 0
     assert est["b_simple_se"] < 0.02 * est["b_simple"]

@@ -182,18 +182,25 @@ def test_non_finite_micro_batch_is_counted_as_skip():
     assert (est.n_steps, est.n_skipped) == (0, 1)
 
 
-def test_state_dict_delegates_to_noise():
+def test_state_dict_holds_the_estimate_and_the_phase_of_every():
     model = make_model(7)
-    tap = MicroBatchTap(model)
+    tap = MicroBatchTap(model, every=2)
     for step in range(3):
         x, y = make_batch(step)
         model.zero_grad()
         accumulate(model, x, y)
         tap.step(K * MICRO)
-    other = MicroBatchTap(make_model(7))
+    other_model = make_model(7)
+    other = MicroBatchTap(other_model, every=2)
     other.load_state_dict(tap.state_dict())
     assert other.noise.compute() == tap.noise.compute()
-    assert tap.state_dict() == tap.noise.state_dict()
+    assert tap.state_dict() == {**tap.noise.state_dict(), "steps": 3}
+    x, y = make_batch(3)
+    accumulate(other_model, x, y)
+    assert not other.step(K * MICRO)  # the 4th step: every=2 skips it, as the uninterrupted tap would
+    other_model.zero_grad()
+    accumulate(other_model, x, y)
+    assert other.step(K * MICRO)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])

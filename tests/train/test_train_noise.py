@@ -25,13 +25,15 @@ class BruteForce(Callback):
     own backward on a copy of the model; only the first chunk with ``first``, as the micro source reads) and |G_big|²
     of the whole batch, at the parameters of each step."""
 
-    def __init__(self, small: int, horizon, first: bool = False):
-        self.small, self.horizon, self.first, self.ref = small, horizon, first, None
+    def __init__(self, small: int, horizon, first: bool = False, every: int = 1):
+        self.small, self.horizon, self.first, self.every, self.ref = small, horizon, first, every, None
 
     def on_fit_start(self, state):
         self.ref = NoiseScale(horizon=self.horizon, dataset_size=state.train_size)
 
     def on_before_optimizer_step(self, state):
+        if state.step % self.every:
+            return
         x, y = state.batch
         model = copy.deepcopy(state.model)
 
@@ -63,6 +65,37 @@ def test_noise_scale_matches_brute_force(tmp_path, source, micro):
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert rows[-1]["noise/b_simple"] == pytest.approx(result.noise.b_simple)
     assert {"noise/b_simple_se", "noise/grad_sq", "noise/trace_cov", "noise/skipped"} <= rows[-1].keys()
+
+
+@pytest.mark.parametrize("source, micro, small", [("micro", 4, "first"), ("micro", 4, "all"), ("per_example", 0, "first")])
+def test_noise_every_and_small_keys_match_brute_force(tmp_path, source, micro, small):
+    cfg = tiny_config(steps=15, micro_batch_size=micro, noise=source, noise_horizon=-1.0, noise_every=3,
+                      noise_small=small)
+    check = BruteForce(small=micro or 1, horizon=None, first=small == "first" and source == "micro", every=3)
+    result = fit(tiny_task(), cfg, [check], run_dir=tmp_path)
+    close(result.noise, check.ref)
+    assert result.noise.n_steps == 5  # steps 0, 3, 6, 9, 12
+
+
+def test_noise_every_resumes_in_phase(tmp_path):
+    class Crash(Callback):
+        def on_batch_end(self, state):
+            if state.step == 7:  # the last checkpoint is at step 4: 4 % 3 != 0, the phase must come back with it
+                raise KeyboardInterrupt
+
+    cfg = tiny_config(steps=14, micro_batch_size=4, noise_every=3, noise_horizon=-1.0)
+    whole = fit(tiny_task(), cfg, run_dir=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_task(), cfg, [Crash()], run_dir=tmp_path / "cut")
+    resumed = fit(tiny_task(), cfg, run_dir=tmp_path / "cut")
+    assert resumed.noise == whole.noise and whole.noise.n_steps == 5
+
+
+def test_bad_noise_every_or_small_is_one_clear_error(tmp_path):
+    with pytest.raises(HastenError, match="noise_every=0"):
+        fit(tiny_task(), tiny_config(noise_every=0), run_dir=tmp_path)
+    with pytest.raises(HastenError, match="noise_small='some'"):
+        fit(tiny_task(), tiny_config(noise_small="some"), run_dir=tmp_path)
 
 
 def test_ema_horizon_and_default_micro(tmp_path):

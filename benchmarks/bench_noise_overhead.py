@@ -7,6 +7,7 @@
     python benchmarks/bench_noise_overhead.py --ddp --every 4   # DDP, measuring one step in 4
     python benchmarks/bench_noise_overhead.py --ddp --model cnn   # the same with the fashion CNN
     python benchmarks/bench_noise_overhead.py --ddp --hook python-allreduce  # a do-nothing Python hook: the floor
+    python benchmarks/bench_noise_overhead.py --ddp --hook none  # A/A: both wrappers plain, the method's noise
 
 One model trains on real Fashion-MNIST batches, its steps alternating between the meter attached and not (ABBA
 order, so neither always runs first): in one process the tap's hooks are registered for the steps with the meter
@@ -127,8 +128,9 @@ def ddp_worker(steps: int, warmup: int, model_name: str = "mlp", hook: str = "ha
     plain, hooked = (torch.nn.parallel.DistributedDataParallel(model) for _ in range(2))
     if hook == "hasten":
         state = attach_ddp_noise(hooked, every=every)
-    else:  # python-allreduce: the cost of a Python hook itself, no meter
-        hooked.register_comm_hook(None, _python_allreduce_hook)
+    else:  # python-allreduce: the cost of a Python hook itself, no meter; none: two plain wrappers (A/A, the noise)
+        if hook == "python-allreduce":
+            hooked.register_comm_hook(None, _python_allreduce_hook)
         state = None
 
     def train_step(xb, yb, meter: bool):
@@ -156,8 +158,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=200, help="untimed steps per variant first")
     p.add_argument("--every", type=int, default=1, help="measure one step in N")
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="DDP: the fashion model")
-    p.add_argument("--hook", default="hasten", choices=["hasten", "python-allreduce"],
-                   help="DDP: the meter's hook, or a Python hook doing only the default all-reduce (its floor)")
+    p.add_argument("--hook", default="hasten", choices=["hasten", "python-allreduce", "none"],
+                   help="DDP: the meter's hook, a Python hook doing only the default all-reduce (its floor), or none "
+                        "(both wrappers plain: an A/A run, the benchmark's own noise)")
     p.add_argument("--small", default="first", choices=["first", "all"], help="micro-batch gradients read per step")
     a = p.parse_args()
     if a.worker:

@@ -1,26 +1,21 @@
 """The noise-scale report: B_simple over training and against the loss, |G|² and tr(Σ), the training curves."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from hasten.report.html import Report
-from hasten.report.schedule import add_schedule_section
+from hasten.report.schedule import add_schedule_section, finite
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and _finite(r[key])]
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and finite(r[key])]
     if not pts:
         return np.zeros(0), np.zeros(0)
     steps, values = zip(*pts)
     return np.asarray(steps, float), np.asarray(values, float)
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -38,9 +33,9 @@ def noise_report(title: str, rows: list[dict], summary: dict[str, Any], notes: l
     rep = Report(title)
     b = summary.get("b_simple")
     se = summary.get("b_simple_se")
-    if _finite(b):
+    if finite(b):
         rep.text(f"Gradient noise scale B_simple = {b:.4g} ± {1.96 * se:.2g} (95% interval)"
-                 if _finite(se) else f"Gradient noise scale B_simple = {b:.4g}", cls="big")
+                 if finite(se) else f"Gradient noise scale B_simple = {b:.4g}", cls="big")
     for note in notes:
         rep.text(note, cls="note")
     rep.table([{"quantity": k, "value": v} for k, v in summary.items()])

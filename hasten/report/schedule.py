@@ -18,8 +18,13 @@ from hasten.report.html import Report
 KEYS = {"batch_size": "batch_size", "lr": "lr", "b_simple": "noise/b_simple"}
 
 
+def finite(value) -> bool:
+    """Whether a metrics value is a finite number (rows hold None, NaN or strings where nothing was measured)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _number(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
+    return float(value) if finite(value) else math.nan
 
 
 def schedule_series(rows: list[dict]) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from .reference import N_CLASSES
@@ -43,3 +44,18 @@ def test_ddp_hook_matches_brute_force(problem, tmp_path):
     assert est["b_simple_se"] < 0.02 * est["b_simple"]
     assert abs(est["b_simple"] - problem.b_simple) < 0.05 * problem.b_simple
     assert abs(est["b_simple"] - problem.b_simple) < 4 * est["b_simple_se"]
+
+
+def test_ddp_meter_on_half_precision_buckets(tmp_path):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(WORKER.with_name("ddp_half_worker.py")), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    rank0, rank1 = (json.loads((tmp_path / f"half{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    full = rank0.pop("torch.float32")
+    assert full["accepted"] and full["b_simple"] > 0
+    for dtype, half in rank0.items():  # same batches, same initial weights: only rounding differs
+        assert half["accepted"], dtype
+        assert half["b_simple"] == pytest.approx(full["b_simple"], rel=0.01), dtype

@@ -3,11 +3,11 @@
 Each rank's gradient before the all-reduce is a batch of its b_r local examples (B_small); the averaged gradient
 after it is the global batch (B_big), at the same parameters (McCandlish et al. 2018, arXiv:1812.06162, App. A.1).
 A DDP communication hook does the usual averaging all-reduce (``default_hooks.allreduce_hook``: divide by the world
-size, sum, asynchronously) and reads |g_r|² of every bucket before it and |ḡ|² of the averaged bucket in the
-all-reduce's callback. The ranks' mean of |g_r|² and of 1/b_r travel as three extra numbers appended to a copy of the
-last bucket of the step (the copy fused with the division, into a buffer kept between steps), so the meter adds no
-collective and no wait; per measured step it reads the gradient twice and writes it once. With ``every=N`` the
-other steps run the plain all-reduce:
+size, sum) and reads |g_r|² of every bucket before it; ``step`` reads |ḡ|² of the averaged buckets, on the training
+thread (no Python runs in callbacks on the backend's threads). The ranks' mean of |g_r|² and of 1/b_r travel as three
+extra numbers appended to a copy of the last bucket of the step (the copy fused with the division, into a buffer kept
+between steps), so the meter adds no collective of its own; per measured step it reads the gradient three times and
+writes it once. With ``every=N`` the other steps run the plain all-reduce:
 
 >>> state = attach_ddp_noise(ddp_model)           # before the first backward       # doctest: +SKIP
 >>> loss_fn(ddp_model(x), y).backward()                                             # doctest: +SKIP

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from hasten.errors import HastenError
 from hasten.study.options import StudyOptions, TrialSpec, geometric_grid, noise_spec, parse_target, plan_trials
 from hasten.study.options import scaled_lr, study_key, validate
 from hasten.study.trials import BOUNDS, RESULTS, ResultsLog, run_trial, study_lock, watch_parent
+from hasten.tasks import task_origin
 from hasten.train.checkpoint import write_atomic
 from hasten.train.config import TrainConfig
 
@@ -134,6 +136,7 @@ def execute(specs: list[TrialSpec], log: ResultsLog, opts: StudyOptions, label: 
         return
     cores = os.cpu_count() or 1
     workers = min(opts.workers or cores, len(todo))
+    modules = task_modules(todo[0].cfg.task) if workers > 1 and opts.backend != "ray" else ()
     if not todo[0].cfg.threads:  # split the cores between the workers asked for (threads=N overrides)
         threads = max(1, cores // (opts.workers or cores))
         todo = [dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, threads=threads)) for s in todo]
@@ -165,17 +168,37 @@ def execute(specs: list[TrialSpec], log: ResultsLog, opts: StudyOptions, label: 
         for spec in todo:
             finished(run_trial(spec))
     else:
-        _run_pool(todo, workers, finished)
+        _run_pool(todo, workers, finished, modules)
 
 
-def _run_pool(todo: list[TrialSpec], workers: int, finished) -> None:
+def task_modules(task_name: str) -> tuple[str, ...]:
+    """Modules a spawned worker must import to know ``task_name``: the one that registered it, unless it is hasten's
+    own. A task registered in the script being run (``__main__``) cannot be imported: a clear error."""
+    origin = task_origin(task_name)
+    if origin == "__main__":
+        raise HastenError(
+            f"task {task_name!r} is registered in the script you ran: study workers are separate processes and cannot "
+            f"import it. Register it in a module on the Python path (e.g. my_tasks.py, imported by your script) "
+            f"or run the study with workers=1"
+        )
+    return () if not origin or origin.startswith("hasten.") else (origin,)
+
+
+def start_worker(parent_pid: int, modules: tuple[str, ...]) -> None:
+    """Process-pool initializer: re-register the user's tasks (importing their modules), then watch the parent."""
+    for module in modules:
+        importlib.import_module(module)
+    watch_parent(parent_pid)
+
+
+def _run_pool(todo: list[TrialSpec], workers: int, finished, modules: tuple[str, ...] = ()) -> None:
     """A spawn process pool (no fork: torch's threads do not survive it); records come back to this process,
     the only writer of results.jsonl. Workers exit on their own if this process is killed (watch_parent)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=watch_parent,
-                               initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
+                               initargs=(os.getpid(), modules))
     try:
         pending = {pool.submit(run_trial, spec) for spec in todo}  # submitted in order: small B first
         while pending:

@@ -11,6 +11,7 @@ torch.Size([2, 10])
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Any
 
 from hasten.errors import HastenError
@@ -18,6 +19,7 @@ from hasten.tasks import digits, fashion, mnist1d_task, shakespeare, shakespeare
 from hasten.tasks.base import Task
 
 TASKS: dict[str, Task] = {}
+_ORIGINS: dict[str, str] = {}  # task name -> the module that registered it (study workers import it again)
 
 
 def register(task: Task, replace: bool = False) -> Task:
@@ -25,7 +27,13 @@ def register(task: Task, replace: bool = False) -> Task:
     if task.name in TASKS and not replace and TASKS[task.name] is not task:
         raise HastenError(f"a task named {task.name!r} is already registered; pick another name or replace=True")
     TASKS[task.name] = task
+    _ORIGINS[task.name] = sys._getframe(1).f_globals.get("__name__", "")
     return task
+
+
+def task_origin(name: str) -> str:
+    """The module that registered task ``name`` ("__main__" for a script; "" if unknown)."""
+    return _ORIGINS.get(name, "")
 
 
 def get_task(name: str) -> Task:
@@ -53,4 +61,4 @@ def task_table() -> list[dict[str, Any]]:
 for _module in (digits, fashion, mnist1d_task, shakespeare, shakespeare_mlm):
     register(_module.TASK)
 
-__all__ = ["TASKS", "Task", "get_task", "register", "task_table"]
+__all__ = ["TASKS", "Task", "get_task", "register", "task_origin", "task_table"]

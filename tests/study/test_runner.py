@@ -166,3 +166,30 @@ def test_grids_and_goals():
     goals = parse_target("loss:0.1, token_accuracy:0.5", "token accuracy")
     assert [(g.name, g.value, g.higher) for g in goals] == [("loss", 0.1, False), ("metric", 0.5, True)]
     assert goals[0].met(0.1) and not goals[0].met(float("nan")) and goals[1].met(0.6) and not goals[1].met(0.4)
+
+
+def test_workers_import_the_module_that_registered_a_user_task(tmp_path, monkeypatch):
+    (tmp_path / "my_study_tasks.py").write_text(
+        "import dataclasses\nfrom hasten.tasks import get_task, register\n"
+        "register(dataclasses.replace(get_task('digits'), name='my-digits'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_study_tasks  # noqa: F401  (registers my-digits here; spawned workers import it again)
+
+    summary = run_study("my-digits", ["target=loss:0.3", "batch_sizes=32,64", "lr_factors=1", "smith_le_epochs=0",
+                                      "noise_run=false", "workers=2", "threads=1", "bootstrap=0",
+                                      f"run_dir={tmp_path / 'study'}"])
+    records = read_jsonl(tmp_path / "study" / "results.jsonl")
+    assert len(records) == 2 and all(r["steps"] for r in records)
+    assert summary["per_batch"]
+
+
+def test_a_task_registered_in_the_script_is_refused_for_workers_with_a_clear_error(tmp_path):
+    code = ("import dataclasses, sys\nfrom hasten.tasks import get_task, register\nfrom hasten.errors import HastenError\n"
+            "from hasten.study import run_study\n"
+            "register(dataclasses.replace(get_task('digits'), name='script-digits'))\n"
+            "try:\n    run_study('script-digits', sys.argv[1:])\n"
+            "except HastenError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, "target=loss:0.3", "batch_sizes=32,64", "lr_factors=1",
+                          "smith_le_epochs=0", "noise_run=false", "workers=2", f"run_dir={tmp_path / 'study'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert "registered in the script you ran" in out.stdout and "workers=1" in out.stdout, out.stderr[-2000:]

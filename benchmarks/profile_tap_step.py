@@ -16,9 +16,10 @@ import time
 
 import torch
 
+from bench_noise_overhead import _setup  # the same model, optimizer and data as the overhead benchmark
+
 from hasten.measure import MicroBatchTap
 from hasten.measure.noise_scale import NoiseScale
-from hasten.tasks import get_task
 
 
 class Timed:
@@ -34,17 +35,9 @@ class Timed:
         return out
 
 
-def _setup():
-    torch.set_num_threads(1)
-    train, _ = get_task("fashion").load(None)
-    torch.manual_seed(0)
-    model = get_task("fashion").make_model("mlp")
-    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), *train.tensors
-
-
-def _step(model, opt, x, y, tap=None):
+def _step(loss_fn, model, opt, x, y, tap=None):
     for xm, ym in zip(x.chunk(4), y.chunk(4)):
-        (torch.nn.functional.cross_entropy(model(xm), ym) / 4).backward()
+        (loss_fn(model(xm), ym) / 4).backward()
     if tap is not None:
         tap.step(len(x))
     opt.step()
@@ -52,7 +45,7 @@ def _step(model, opt, x, y, tap=None):
 
 
 def hooks_vs_tap(steps: int) -> dict:
-    model, opt, x, y = _setup()
+    task, model, opt, x, y = _setup()
     params, counts, noise = list(model.parameters()), [0], NoiseScale()
     g, times = torch.Generator().manual_seed(0), {"none": [], "counting hooks": [], "tap": []}
     for i in range(steps + 100):
@@ -64,7 +57,7 @@ def hooks_vs_tap(steps: int) -> dict:
             elif variant == "tap":
                 tap = MicroBatchTap(model, noise)
             t0 = time.perf_counter()
-            _step(model, opt, x[idx], y[idx], tap)
+            _step(task.loss, model, opt, x[idx], y[idx], tap)
             if i >= 100:
                 times[variant].append(time.perf_counter() - t0)
             for handle in handles:
@@ -77,7 +70,7 @@ def hooks_vs_tap(steps: int) -> dict:
 
 
 def pieces(steps: int) -> dict:
-    model, opt, x, y = _setup()
+    task, model, opt, x, y = _setup()
     norm = Timed(torch.linalg.vector_norm)
     torch.linalg.vector_norm = norm  # the tap's hooks bind it when they are made
     tap = MicroBatchTap(model)
@@ -89,7 +82,7 @@ def pieces(steps: int) -> dict:
     try:
         for _ in range(steps):
             idx = torch.randint(len(x), (256,), generator=g)
-            _step(model, opt, x[idx], y[idx], tap)
+            _step(task.loss, model, opt, x[idx], y[idx], tap)
     finally:
         torch._foreach_norm = foreach.fn
     in_step = {"hook norms (6 per step)": norm, "norm of .grad (fused)": foreach, "host sync (stack, tolist)": host,
@@ -115,6 +108,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=2000)
     a = p.parse_args()
+    torch.set_num_threads(1)
     print(json.dumps(hooks_vs_tap(a.steps)))
     print(json.dumps(pieces(a.steps)))
 

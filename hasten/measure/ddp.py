@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from hasten.errors import HastenError
-from hasten.measure.noise_scale import NoiseScale
+from hasten.measure.noise_scale import NoiseScale, load_meter_state, meter_state
 
 _EXTRA = 3  # numbers appended to the last bucket: |g_r|² (all buckets), 1/b_r, "this rank's step is bad"
 
@@ -127,7 +127,7 @@ class DDPNoiseState:
 
     def _write_extras(self, out: torch.Tensor) -> None:
         """This rank's _EXTRA numbers into ``out`` (3 elements), when its last bucket is ready."""
-        out[0] = self._local[0] if len(self._local) == 1 else torch.stack(self._local).sum()
+        out[0] = torch.stack(self._local).sum()
         out[1] = 1.0 / max(self.examples, 1)
         out[2] = float(self.examples <= 0 or max(self._fires.values()) != 1)
 
@@ -138,12 +138,10 @@ class DDPNoiseState:
         return self._packed[key]
 
     def state_dict(self) -> dict:
-        return {**self.noise.state_dict(), "steps": self.steps}
+        return meter_state(self.noise, self.steps)
 
     def load_state_dict(self, state: dict) -> None:
-        state = dict(state)
-        self.steps = state.pop("steps", 0)
-        self.noise.load_state_dict(state)
+        self.steps = load_meter_state(self.noise, state)
 
 
 def _averaged(state: DDPNoiseState, buffer: torch.Tensor, record: bool) -> torch.futures.Future:

@@ -154,5 +154,18 @@ class NoiseScale:
         return f"NoiseScale(b_simple={e.b_simple:.4g} ± {e.b_simple_se:.2g}, steps={e.n_steps}, skipped={e.n_skipped})"
 
 
+def meter_state(noise: NoiseScale, steps: int) -> dict:
+    """A meter's checkpoint: its estimator's state plus the steps it has seen (the phase of its ``every``)."""
+    return {**noise.state_dict(), "steps": steps}
+
+
+def load_meter_state(noise: NoiseScale, state: dict) -> int:
+    """Load :func:`meter_state`'s dict (or a bare ``NoiseScale.state_dict()``) into ``noise``; the steps seen."""
+    state = dict(state)
+    steps = state.pop("steps", 0)
+    noise.load_state_dict(state)
+    return steps
+
+
 def as_float(x: torch.Tensor | float) -> float:
     return float(x.detach().double().item()) if isinstance(x, torch.Tensor) else float(x)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from hasten.errors import HastenError
-from hasten.measure.noise_scale import NoiseScale
+from hasten.measure.noise_scale import NoiseScale, load_meter_state, meter_state
 from hasten.measure.precondition import AdamPreconditioner
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -213,9 +213,7 @@ class MicroBatchTap:
         self._handles = []
 
     def state_dict(self) -> dict:
-        return {**self.noise.state_dict(), "steps": self.steps}
+        return meter_state(self.noise, self.steps)
 
     def load_state_dict(self, state: dict) -> None:
-        state = dict(state)
-        self.steps = state.pop("steps", 0)
-        self.noise.load_state_dict(state)
+        self.steps = load_meter_state(self.noise, state)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from hasten.errors import HastenError
-from hasten.measure.noise_scale import NoiseScale, NoiseScaleEstimate
+from hasten.measure.noise_scale import NoiseScale, NoiseScaleEstimate, load_meter_state
 from hasten.train.events import Callback, LoopState
 
 SOURCES = ("micro", "per_example", "ddp")
@@ -137,4 +137,4 @@ class NoiseScaleCallback(Callback):
         if self.meter is not None:
             self.meter.load_state_dict(state)  # the estimate and the phase of `every`
         else:
-            self.noise.load_state_dict({k: v for k, v in state.items() if k != "steps"})
+            load_meter_state(self.noise, state)

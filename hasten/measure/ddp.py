@@ -3,8 +3,10 @@
 Each rank's gradient before the all-reduce is a batch of its b_r local examples (B_small); the averaged gradient
 after it is the global batch (B_big), at the same parameters (McCandlish et al. 2018, arXiv:1812.06162, App. A.1).
 A DDP communication hook does the usual averaging all-reduce (``default_hooks.allreduce_hook``: divide by the world
-size, sum) and reads |g_r|² of every bucket before it; ``step`` reads |ḡ|² of the averaged buckets, on the training
-thread (no Python runs in callbacks on the backend's threads). The ranks' mean of |g_r|² and of 1/b_r travel as three
+size, sum) and reads |g_r|² of every bucket before it and |ḡ|² after it. The buckets' all-reduces overlap with the
+rest of backward as usual; the last bucket's hook waits for them and completes their futures on the training thread,
+so no Python runs on the backend's threads (see :mod:`hasten._gloo` for why that matters at exit). The
+ranks' mean of |g_r|² and of 1/b_r travel as three
 extra numbers appended to a copy of the last bucket of the step (the copy fused with the division, into a buffer kept
 between steps), so the meter adds no collective of its own; per measured step it reads the gradient three times and
 writes it once. With ``every=N`` the other steps run the plain all-reduce:
@@ -30,6 +32,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from hasten._gloo import outside_backward_tls, settle_at_exit
 from hasten.errors import HastenError
 from hasten.measure.noise_scale import NoiseScale, load_meter_state, meter_state
 
@@ -68,8 +71,8 @@ class DDPNoiseState:
         self.examples = 0  # counted by the forward pre-hook since the last step
         self._world: int | None = None
         self._local: list[torch.Tensor] = []  # |local mean gradient|² of each bucket (before the all-reduce)
-        self._big: list[torch.Tensor] = []  # |averaged gradient|² of the last bucket (after the all-reduce)
-        self._reduced: list[torch.futures.Future] = []  # the other buckets' all-reduces: their averaged gradients
+        self._big: list[torch.Tensor] = []  # |averaged gradient|² of each bucket (after the all-reduce)
+        self._pending: list[tuple] = []  # this backward's earlier buckets: (work, future, buffer, measured)
         self._fires: dict[int, int] = {}  # bucket index -> all-reduces since the last step (must be 1)
         self._extra: torch.Tensor | None = None  # the ranks' sums of the _EXTRA numbers, once all-reduced
         self._packed: dict[tuple, torch.Tensor] = {}  # reused buffer for the last bucket plus the _EXTRA numbers
@@ -99,7 +102,7 @@ class DDPNoiseState:
         fire exactly once per bucket; non-finite norms are counted as skips by the estimator. Waits for nothing but
         DDP's own all-reduce.
         """
-        extra, big, reduced, examples, measured = self._extra, self._big, self._reduced, self.examples, self.measuring
+        extra, big, examples, measured = self._extra, self._big, self.examples, self.measuring
         self.discard()
         self.steps += 1
         if local_batch_size is not None and local_batch_size != examples:
@@ -110,7 +113,6 @@ class DDPNoiseState:
         world = self.world()
         if world < 2 or extra is None or not measured:
             return False
-        big = big + [_sq_norm(future.wait()) for future in reduced]  # completed: DDP waited for them
         values = torch.cat([extra, torch.stack(big).to(extra)]).tolist()  # the one host sync
         sq_small, inv_b, any_bad = (v / world for v in values[:_EXTRA])  # the ranks' means
         if any_bad > 0:
@@ -122,7 +124,7 @@ class DDPNoiseState:
     def discard(self) -> None:
         """Forget the forwards and all-reduces since the last :meth:`step` (e.g. SAM's second pass, which would
         count as a second all-reduce of the next step); call on every rank before the next step's first forward."""
-        self._local, self._big, self._reduced, self._fires, self._extra = [], [], [], {}, None
+        self._local, self._big, self._fires, self._extra = [], [], {}, None
         self.examples = 0
 
     def _write_extras(self, out: torch.Tensor) -> None:
@@ -144,49 +146,73 @@ class DDPNoiseState:
         self.steps = load_meter_state(self.noise, state)
 
 
-def _averaged(state: DDPNoiseState, buffer: torch.Tensor, record: bool) -> torch.futures.Future:
-    """DDP's default: all-reduce the bucket divided by the world size, asynchronously. If ``record``, the future is
-    kept and :meth:`DDPNoiseState.step` reads the averaged bucket's norm from it, on the training thread: no Python
-    work in callbacks on gloo's threads (tensors made there crashed the interpreter's exit now and then)."""
-    future = dist.all_reduce(buffer.div_(state.world()), group=state._group(), async_op=True).get_future()
-    future = future.then(_first)
-    if record:
-        state._reduced.append(future)
+def _completed(tensor: torch.Tensor) -> torch.futures.Future:
+    future = torch.futures.Future()
+    future.set_result(tensor)  # a Python hook's future must hold the tensor itself
     return future
 
 
-def _first(fut: torch.futures.Future) -> torch.Tensor:
-    return fut.value()[0]  # a Python hook's future must hold the tensor itself, not c10d's list of tensors
+def _defer(state: DDPNoiseState, buffer: torch.Tensor, record: bool) -> torch.futures.Future:
+    """DDP's default for a bucket that is not the last: all-reduce it divided by the world size, asynchronously
+    (it overlaps with the rest of backward). The future returned is completed by the last bucket's hook, on the
+    training thread: no Python ``then`` callbacks, which gloo runs and destroys on its own threads."""
+    work = dist.all_reduce(buffer.div_(state.world()), group=state._group(), async_op=True)
+    future = torch.futures.Future()
+    state._pending.append((work, future, buffer, record))
+    return future
+
+
+def _finish_pending(state: DDPNoiseState) -> None:
+    """Wait for the other buckets' all-reduces (DDP launches buckets in index order, so they were all issued before
+    the last one), read |ḡ|² of those being measured, and complete their futures."""
+    for work, future, buffer, record in state._pending:
+        work.wait()
+        if record:
+            state._big.append(_sq_norm(buffer))
+        future.set_result(buffer)
+    state._pending = []
 
 
 def noise_scale_hook(state: DDPNoiseState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the default averaging all-reduce, recording |g_r|² before it and |ḡ|² after it; the
     last bucket of a measured step carries the rank's :data:`_EXTRA` numbers appended to its gradients."""
-    buffer = bucket.buffer()
-    if not state.measuring:
-        return _averaged(state, buffer, record=False)
-    state._local.append(_sq_norm(buffer))  # the local mean gradient: DDP leaves averaging to the hook
-    index = bucket.index()
-    state._fires[index] = state._fires.get(index, 0) + 1
+    with outside_backward_tls():
+        return _reduce_bucket(state, bucket)
+
+
+def _reduce_bucket(state: DDPNoiseState, bucket: dist.GradBucket) -> torch.futures.Future:
+    buffer, index, measured = bucket.buffer(), bucket.index(), state.measuring
+    if index == 0:
+        state._pending = []  # a new backward (buckets left by one that failed midway are dropped)
+    if measured:
+        state._local.append(_sq_norm(buffer))  # the local mean gradient: DDP leaves averaging to the hook
+        state._fires[index] = state._fires.get(index, 0) + 1
     if not bucket.is_last():
-        return _averaged(state, buffer, record=True)
-    if buffer.dtype not in (torch.float32, torch.float64):  # a half-precision bucket cannot hold squared norms:
-        extra = torch.empty(_EXTRA, dtype=torch.float64, device=buffer.device)  # their own small all-reduce
-        state._write_extras(extra)
-        dist.all_reduce(extra, group=state._group())
-        state._extra = extra
-        return _averaged(state, buffer, record=True)
+        return _defer(state, buffer, record=measured)
+    group, world = state._group(), state.world()
+    if not measured or buffer.dtype not in (torch.float32, torch.float64):
+        extra_work = None
+        if measured:  # a half-precision bucket cannot hold squared norms: they get their own small all-reduce
+            state._extra = torch.empty(_EXTRA, dtype=torch.float64, device=buffer.device)
+            state._write_extras(state._extra)
+            extra_work = dist.all_reduce(state._extra, group=group, async_op=True)
+        work = dist.all_reduce(buffer.div_(world), group=group, async_op=True)
+        _finish_pending(state)
+        work.wait()
+        if extra_work is not None:
+            extra_work.wait()
+            state._big.append(_sq_norm(buffer))
+        return _completed(buffer)
     n = buffer.numel()
     packed = state._packed_buffer(buffer)
-    torch.mul(buffer, 1.0 / state.world(), out=packed[:n])  # the copy and DDP's division in one pass
+    torch.mul(buffer, 1.0 / world, out=packed[:n])  # the copy and DDP's division in one pass
     state._write_extras(packed[n:])  # summed, not averaged: step() divides by the world size on the host
-    # The last bucket has nothing left to overlap with: all-reduce it here rather than in a callback on gloo's thread.
-    dist.all_reduce(packed, group=state._group())
+    work = dist.all_reduce(packed, group=group, async_op=True)
+    _finish_pending(state)
+    work.wait()
     state._extra = packed[n:].clone()  # the buffer is reused next step
     state._big.append(_sq_norm(packed[:n]))
-    future = torch.futures.Future()
-    future.set_result(packed[:n])
-    return future
+    return _completed(packed[:n])
 
 
 def attach_ddp_noise(
@@ -207,4 +233,5 @@ def attach_ddp_noise(
 
     ddp_model.register_forward_pre_hook(count, with_kwargs=True)
     ddp_model.register_comm_hook(state, noise_scale_hook)
+    settle_at_exit(state.process_group)
     return state

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hasten._gloo import settle_at_exit
 from hasten.errors import HastenError
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting this long for a peer fails instead of hanging
@@ -65,6 +66,7 @@ def init_from_env(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    settle_at_exit()  # gloo: see hasten._gloo
 
 
 def wrap(model: nn.Module) -> nn.Module:

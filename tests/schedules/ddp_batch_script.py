@@ -39,7 +39,7 @@ def main(out: Path) -> None:
     x, y = torch.randn(N, 5), torch.randint(0, 3, (N,))
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     reference = copy.deepcopy(model)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.00005)  # several buckets after step 1
     noise_state = attach_ddp_noise(ddp, NoiseScale())
     ref_noise = NoiseScale()
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)

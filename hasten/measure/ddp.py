@@ -191,7 +191,6 @@ def _reduce_bucket(state: DDPNoiseState, bucket: dist.GradBucket) -> torch.futur
         return _defer(state, buffer, record=measured)
     group, world = state._group(), state.world()
     if not measured or buffer.dtype not in (torch.float32, torch.float64):
-        extra_work = None
         if measured:  # a half-precision bucket cannot hold squared norms: they get their own small all-reduce
             state._extra = torch.empty(_EXTRA, dtype=torch.float64, device=buffer.device)
             state._write_extras(state._extra)
@@ -199,7 +198,7 @@ def _reduce_bucket(state: DDPNoiseState, bucket: dist.GradBucket) -> torch.futur
         work = dist.all_reduce(buffer.div_(world), group=group, async_op=True)
         _finish_pending(state)
         work.wait()
-        if extra_work is not None:
+        if measured:
             extra_work.wait()
             state._big.append(_sq_norm(buffer))
         return _completed(buffer)

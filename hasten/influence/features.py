@@ -2,7 +2,7 @@
 
 - ``nn.Linear`` layers are kept as factors (x, δ): the layer inputs from a forward hook and δ = ∂ℓ_i/∂y from a
   tensor hook during one backward of the *summed* loss, so each δ_i is example i's own gradient (Goodfellow 2015).
-  Dot products then come from Gram matrices (:mod:`hasten.influence.ghost`). A layer applied to a long sequence
+  Dot products then come from Gram matrices (:mod:`hasten.measure.ghost`). A layer applied to a long sequence
   is stored as its dense per-example gradient instead, when that is cheaper.
 - Every other selected parameter gets its per-example gradient from ``torch.func`` (vmap of grad), chunked.
 
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from hasten.errors import HastenError
-from hasten.influence import ghost
 from hasten.influence.projection import GaussianProjection
+from hasten.measure import ghost
 
 MAX_ELEMENTS = 1 << 24  # per-example gradient entries formed at once (64 MB in float32)
 

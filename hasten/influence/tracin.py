@@ -6,7 +6,7 @@ mislabeled examples first (their mislabeled-data experiments).
 
 How it is computed: each checkpoint is loaded once; the test set's gradient features are formed once per
 checkpoint and kept; the training set is streamed in batches, so memory is the (n_test, n_train) output plus one
-batch. Linear layers use exact Gram factorizations (:mod:`hasten.influence.ghost`), other parameters torch.func
+batch. Linear layers use exact Gram factorizations (:mod:`hasten.measure.ghost`), other parameters torch.func
 per-example gradients, and ``projection_dim`` a seeded Gaussian projection shared by all checkpoints.
 
 >>> import torch

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from hasten.influence import ghost
 from hasten.influence import projection as proj_mod
 from hasten.influence.projection import GaussianProjection
+from hasten.measure import ghost
 
 
 def dense_reference(x, d, bias):

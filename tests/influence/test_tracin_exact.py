@@ -102,7 +102,7 @@ class SeqNet(nn.Module):
 
 @pytest.mark.parametrize("make, dim", [(ConvNet, 6), (SeqNet, 16), (lambda: nn.Linear(6, 3), 6)])
 def test_other_layer_types_equal_brute_force(make, dim):
-    from hasten.influence.ghost import prefer_dense
+    from hasten.measure.ghost import prefer_dense
 
     assert not prefer_dense(2, 8, 16, True) and prefer_dense(4, 16, 2, False)  # SeqNet exercises both forms
     make_dt = lambda: make().to(DT)  # noqa: E731

@@ -42,7 +42,8 @@ from hasten.train.config import TrainConfig, default_run_dir
 from hasten.train.events import Callbacks, LoopState
 from hasten.train.logger import METRICS, RunLogger, Stopwatch, truncate_jsonl, write_json
 from hasten.train.noise_callback import NoiseScaleCallback, horizon_from_config, noise_source
-from hasten.train.sampler import EpochSampler, gather, shard
+from hasten.train.data import Batches, load_data, ordered_batches
+from hasten.train.sampler import EpochSampler, shard
 from hasten.train.schedule import make_schedule
 
 CHECKPOINT = "checkpoint-latest.pt"
@@ -52,7 +53,7 @@ EVAL_BATCH = 1024
 # Settings that may differ between a run and its resume: they do not change the training (device and threads
 # may change the last bits of the numbers).
 RESUMABLE_CHANGES = {"progress", "threads", "run_dir", "data", "device", "eval_every", "eval_examples",
-                     "checkpoint_every", "keep_checkpoints"}
+                     "checkpoint_every", "keep_checkpoints", "workers", "pin_memory"}
 # LoopState fields saved in a checkpoint and restored on resume.
 SAVED_STATE = ("step", "examples", "epoch", "batch_size", "micro_batch_size", "lr", "loss", "should_stop",
                "nonfinite_steps")
@@ -78,7 +79,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     device, world = resolve_device(cfg.device), dist.world_size()
     source = noise_source(cfg.noise, world)
     micro = micro_batch_size(cfg, source)
-    train, test = task.load(cfg.data or None)
+    train, test = load_data(task, cfg.data or None)  # checked: map-style datasets of (input, target) pairs
     test = eval_subset(test, cfg.eval_examples)
     if cfg.batch_size > len(train):
         raise HastenError(f"batch_size={cfg.batch_size} is larger than {task.name}'s training set ({len(train)} "
@@ -96,6 +97,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
         method.prepare_model(model)  # module swaps, before the optimizer and the checkpoint see the model
     optimizer = make_optimizer(cfg, model.parameters())
     sampler = EpochSampler(len(train), cfg.seed)
+    loader = Batches(train, sampler, device, rank=rank, world=world, workers=cfg.workers, pin_memory=cfg.pin_memory)
 
     run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg))  # touched only once the settings are valid
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +165,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             check_micro(state.batch_size, state.micro_batch_size)
             indices = sampler.next_batch(state.batch_size)  # the global batch: the same on every rank
             mine = shard(indices, rank, world)
-            state.batch = tuple(t.to(device, non_blocking=True) for t in gather(train, mine))
+            state.batch = loader.fetch(mine, state.batch_size)  # on the device; read by workers if cfg.workers
             n = len(indices)  # examples drawn (methods may train on fewer, or on changed ones)
             weight = world * len(mine) / n  # DDP averages the ranks: mean_r(weight_r·mean_r) = the batch mean
             callbacks.fire("batch_ready", state)  # may replace state.batch
@@ -192,7 +194,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             final = state.step == cfg.steps or state.should_stop
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or final or state.evaluate_now:
                 callbacks.fire("before_evaluate", state)  # e.g. EMA swaps in its averaged weights
-                last_eval = evaluate(model, task, test, sharded=True)
+                last_eval = evaluate(model, task, test, sharded=True, workers=cfg.workers, pin_memory=cfg.pin_memory)
                 state.metrics.update(last_eval)
                 callbacks.fire("evaluate", state)
                 state.evaluate_now = False
@@ -208,6 +210,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
                 dist.barrier()  # the file exists for every rank's "checkpoint" callbacks
                 callbacks.fire("checkpoint", state)
         callbacks.fire("fit_end", state)
+    loader.close()  # stops the data workers
     dist.barrier()  # returns on every rank once rank 0's files are written
 
     noise = callbacks.find(NoiseScaleCallback)
@@ -216,9 +219,11 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = EVAL_BATCH, *, sharded: bool = False) -> dict:
+def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = EVAL_BATCH, *, sharded: bool = False,
+             workers: int = 0, pin_memory: bool = True) -> dict:
     """Mean loss and mean metric over ``dataset`` in eval mode; draws nothing from the global RNGs. ``sharded``:
-    each rank evaluates its part and the sums are all-reduced (call it on every rank)."""
+    each rank evaluates its part and the sums are all-reduced (call it on every rank). ``workers``: processes
+    reading a dataset that is not a TensorDataset (``pin_memory`` on CUDA)."""
     if len(dataset) == 0:
         return {}
     device = next(model.parameters()).device
@@ -230,8 +235,9 @@ def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = EVAL_BATCH
         indices = shard(indices, dist.rank(), dist.world_size())
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        for chunk in indices.split(batch_size):
-            x, y = (t.to(device) for t in gather(dataset, chunk))
+        pin = pin_memory and device.type == "cuda"
+        for batch in ordered_batches(dataset, indices.split(batch_size), workers=workers, pin_memory=pin):
+            x, y = (t.to(device, non_blocking=True) for t in batch[:2])
             outputs = model(x)
             metric = task.metric(outputs, y)
             sums += torch.stack([task.loss(outputs, y).double() * len(x),  # task.loss is a batch mean

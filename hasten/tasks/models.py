@@ -81,7 +81,8 @@ class CharTransformer(nn.Module):
         t = idx.shape[-1]
         if t > self.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        # positions per example (not one row broadcast over the batch), so per-example gradient hooks see them
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device).expand_as(idx))
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))

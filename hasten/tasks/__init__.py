@@ -23,7 +23,21 @@ _ORIGINS: dict[str, str] = {}  # task name -> the module that registered it (stu
 
 
 def register(task: Task, replace: bool = False) -> Task:
-    """Add ``task`` under its name; registering a taken name is an error unless ``replace``."""
+    """Add ``task`` under its name; registering a taken name is an error unless ``replace``.
+
+    Its ``load`` may return any map-style dataset of ``(input, target)`` pairs, e.g. files read when indexed:
+
+    >>> import torch, torch.nn.functional as F
+    >>> class Squares(torch.utils.data.Dataset):   # stands in for files on disk: item i is made when asked for
+    ...     def __len__(self): return 8
+    ...     def __getitem__(self, i): return torch.tensor([i / 8.0]), i % 2
+    >>> task = register(Task("squares", "toy", load=lambda path: (Squares(), Squares()),
+    ...                      models={"linear": lambda: torch.nn.Linear(1, 2)}, loss=F.cross_entropy,
+    ...                      metric=lambda out, y: (out.argmax(1) == y).float()))
+    >>> get_task("squares") is task
+    True
+    >>> del TASKS["squares"]
+    """
     if task.name in TASKS and not replace and TASKS[task.name] is not task:
         raise HastenError(f"a task named {task.name!r} is already registered; pick another name or replace=True")
     TASKS[task.name] = task

@@ -15,9 +15,12 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class Task:
     """A registered training task.
 
-    - ``load(path)`` returns ``(train, test)`` datasets of ``(input, target)`` pairs (``TensorDataset`` so the loop
-      can index whole batches at once); ``path`` is the user's data location or ``None`` for the default; missing
-      data raises :class:`hasten.errors.HastenError` naming the command that installs it.
+    - ``load(path)`` returns ``(train, test)``: map-style datasets (``len`` and ``[i]``) of ``(input, target)`` pairs
+      of tensors or numbers. A ``TensorDataset`` is indexed a whole batch at a time; any other dataset (image files
+      read one by one, a tokenized corpus on disk) is read item by item, by ``workers=N`` ``DataLoader`` processes
+      if set (:mod:`hasten.train.data`), and its items must not depend on anything but the index. ``path`` is the
+      user's data location or ``None`` for the default; missing data raises :class:`hasten.errors.HastenError`
+      naming the command that installs it.
     - ``models`` maps a variant name to a factory ``() -> nn.Module``; the first one is the default.
     - ``loss(outputs, targets)`` is the mean loss over the batch (per example; per token for language models).
     - ``metric(outputs, targets)`` returns one value per example (e.g. 1.0 if correct), averaged by the evaluator.

@@ -8,9 +8,9 @@ ahead, before their size is known, and its sampler then stands ahead of the loop
 its :class:`~hasten.train.sampler.EpochSampler` (the examples a step trains on are exactly those of the direct path
 for a given seed and batch-size sequence, and the checkpoint holds the loop's sampler, never counting a prefetched
 batch), and the ``DataLoader``'s batch sampler is a *prediction* of the indices the loop will ask for: a copy of the
-sampler, run forward at the current batch size, each batch split into one chunk per worker. Every chunk a worker
-returns is checked against the indices the loop drew before it is used; a batch may take the start or the rest of
-a chunk (a changed batch size cuts the predicted stream elsewhere). In one process the stream an epoch visits does
+sampler, run forward at the current batch size, one predicted batch per worker task as in a plain ``DataLoader``.
+Every chunk a worker returns is checked against the indices the loop drew before it is used; a batch may take the
+start or the rest of a chunk (a changed batch size cuts the predicted stream elsewhere). In one process the stream an epoch visits does
 not depend on the batch sizes (they only choose where to cut it), so a prediction never misses; under DDP a rank's
 shard depends on the global batch size, and a changed size is a miss: the workers are told to start again from the
 loop's indices (``DataLoader`` with persistent workers: the chunks in flight are read and dropped, no new
@@ -88,23 +88,23 @@ def to_device(batch: tuple, device: torch.device) -> tuple:
 
 
 class _Prediction:
-    """The ``DataLoader``'s batch sampler: the index chunks this rank will ask for next (``first``, then what a
-    copy of the loop's sampler draws at ``batch_size``), each remembered in ``expected`` as it is handed out."""
+    """The ``DataLoader``'s batch sampler: the index chunks this rank will ask for next (``first``, then the shards
+    of what a copy of the loop's sampler draws at ``batch_size``), each remembered in ``expected`` as it is handed
+    out (in the main process: the ``DataLoader`` asks for a chunk when it sends one to a worker)."""
 
-    def __init__(self, sampler: EpochSampler, rank: int, world: int, parts: int):
-        self.sampler, self.rank, self.world, self.parts = sampler, rank, world, parts
+    def __init__(self, sampler: EpochSampler, rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
         self.first, self.batch_size = torch.empty(0, dtype=torch.long), 1
         self.expected: collections.deque = collections.deque()
 
     def __iter__(self) -> Iterator[list[int]]:
         ahead = copy.copy(self.sampler)  # shares the epoch's order; drawing reassigns, never mutates it
-        batch = self.first
+        chunk = self.first
         while True:
-            for chunk in torch.tensor_split(batch, max(min(self.parts, len(batch)), 1)):
-                if len(chunk):
-                    self.expected.append(chunk)
-                    yield chunk.tolist()
-            batch = shard(ahead.next_batch(self.batch_size), self.rank, self.world)
+            if len(chunk):
+                self.expected.append(chunk)
+                yield chunk.tolist()
+            chunk = shard(ahead.next_batch(self.batch_size), self.rank, self.world)
 
 
 class Batches:
@@ -128,12 +128,14 @@ class Batches:
         self._held: tuple | None = None  # (indices, batch) of a chunk read but not yet (all) used
         self._iterator = None
         if self.workers:
-            self._prediction = _Prediction(sampler, rank, world, self.workers)
+            self._prediction = _Prediction(sampler, rank, world)
             self._loader = _loader(dataset, self._prediction, self.workers, pin_memory and device.type == "cuda",
                                    persistent=True)
 
     def fetch(self, indices: torch.Tensor, batch_size: int) -> tuple:
         """The examples at ``indices`` (this rank's part of a global batch of ``batch_size``) on the device."""
+        if not len(indices) and not direct(self.dataset):  # an empty shard (DDP, a short last batch)
+            return to_device(tuple(t[:0] for t in collate([self.dataset[0]])), self.device)
         if not self.workers:
             return to_device(gather(self.dataset, indices), self.device)
         self._prediction.batch_size = batch_size  # chunks predicted from now on
@@ -170,7 +172,7 @@ class Batches:
 
 
 def ordered_batches(dataset: Dataset, chunks: Iterable[torch.Tensor], *, workers: int = 0,
-            pin_memory: bool = False) -> Iterator[tuple]:
+                    pin_memory: bool = False) -> Iterator[tuple]:
     """The batches at ``chunks`` (index tensors) in order, on the CPU: gathered here for a ``TensorDataset`` or
     with ``workers=0``, else read by ``workers`` processes for this one pass (evaluation)."""
     check_workers(workers)

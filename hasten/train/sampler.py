@@ -62,7 +62,8 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 def gather(dataset: Dataset, indices: torch.Tensor) -> tuple:
     """The examples at ``indices`` as a batch: one tensor index per field for a ``TensorDataset`` (fast), else
-    the items stacked by ``default_collate``."""
+    the items stacked by ``default_collate`` (in this process; the loop reads them in ``DataLoader`` workers with
+    ``workers=N``, see :mod:`hasten.train.data`)."""
     if isinstance(dataset, TensorDataset):
         return tuple(t[indices] for t in dataset.tensors)
     if isinstance(dataset, Subset):

@@ -1,5 +1,6 @@
 """A registered task whose data is image files read lazily: trains the same with workers=0, workers=2 and as tensors."""
 import dataclasses
+import doctest
 import multiprocessing
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset, TensorDataset  # noqa: E402
 
+import hasten.tasks  # noqa: E402
 from hasten.tasks import TASKS, Task, get_task, register  # noqa: E402
 from hasten.train import TrainConfig, fit, load_checkpoint  # noqa: E402
 
@@ -92,3 +94,10 @@ def test_png_files_train_identically_in_workers_and_as_tensors(png_task, tmp_pat
     from_tensors = train(tensors, tmp_path / "tensors")
     assert same(in_process, in_workers)
     assert same(in_process, from_tensors)  # the same examples in the same order, and the same dropout
+
+
+def test_register_doctest():
+    runner = doctest.DocTestRunner()
+    for example in doctest.DocTestFinder().find(hasten.tasks.register, globs=vars(hasten.tasks).copy()):
+        runner.run(example)
+    assert runner.tries > 0 and runner.failures == 0

@@ -17,7 +17,7 @@ class Task:
 
     - ``load(path)`` returns ``(train, test)``: map-style datasets (``len`` and ``[i]``) of ``(input, target)`` pairs
       of tensors or numbers. A ``TensorDataset`` is indexed a whole batch at a time; any other dataset (image files
-      read one by one, a tokenized corpus on disk) is read item by item, by ``workers=N`` ``DataLoader`` processes
+      read one by one, a tokenized corpus on disk) is read item by item, by ``data_workers=N`` ``DataLoader`` processes
       if set (:mod:`hasten.train.data`), and its items must not depend on anything but the index. ``path`` is the
       user's data location or ``None`` for the default; missing data raises :class:`hasten.errors.HastenError`
       naming the command that installs it.

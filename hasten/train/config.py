@@ -43,8 +43,9 @@ class TrainConfig:
     run_dir: str = ""  # where metrics, checkpoints and the report go ("" = runs/<task>-<seed>)
     progress: bool = True  # show a progress bar
     threads: int = 0  # torch intra-op threads; 0 = leave as is
-    workers: int = 0  # processes reading a task's data that is not a TensorDataset (0 = this one); same batches
-    pin_memory: bool = True  # with workers on CUDA: batches in page-locked memory, copied to the GPU asynchronously
+    data_workers: int = 0  # DataLoader processes reading a task's data that is not a TensorDataset (0 = this
+    #   one); the batches are the same for any number
+    pin_memory: bool = True  # with data_workers on CUDA: batches in page-locked memory, copied asynchronously
     device: str = ""  # torch device to train on ("" = cuda if available, else cpu)
     methods: str = ""  # speedup methods to compose, e.g. label_smoothing,ema:half_life=200 (`hasten methods`)
 

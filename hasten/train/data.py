@@ -1,20 +1,21 @@
 """Batches for the loop from any map-style dataset: a ``TensorDataset`` is indexed directly, any other dataset (files
-on disk, a tokenized corpus too big for memory) is read by ``DataLoader`` worker processes (``workers=N``).
+on disk, a tokenized corpus too big for memory) is read by ``DataLoader`` worker processes (``data_workers=N``).
 
 Why the loop draws the indices and the workers only read them. An adaptive batch schedule decides the batch size
-at ``batch_start`` of each step, from the noise measured on the step before, and the checkpoint's sampler state is
-what the loop has trained on. A ``DataLoader`` that owns the sampler draws ``prefetch_factor × workers`` batches
-ahead, before their size is known, and its sampler then stands ahead of the loop. So the loop keeps drawing from
-its :class:`~hasten.train.sampler.EpochSampler` (the examples a step trains on are exactly those of the direct path
-for a given seed and batch-size sequence, and the checkpoint holds the loop's sampler, never counting a prefetched
-batch), and the ``DataLoader``'s batch sampler is a *prediction* of the indices the loop will ask for: a copy of the
-sampler, run forward at the current batch size, one predicted batch per worker task as in a plain ``DataLoader``.
-Every chunk a worker returns is checked against the indices the loop drew before it is used; a batch may take the
-start or the rest of a chunk (a changed batch size cuts the predicted stream elsewhere). In one process the stream an epoch visits does
-not depend on the batch sizes (they only choose where to cut it), so a prediction never misses; under DDP a rank's
-shard depends on the global batch size, and a changed size is a miss: the workers are told to start again from the
-loop's indices (``DataLoader`` with persistent workers: the chunks in flight are read and dropped, no new
-processes). A miss costs time, never correctness.
+at ``batch_start`` of each step, from the noise measured on the step before, and the checkpoint's sampler state must
+be what the loop has trained on. A ``DataLoader`` that owns the sampler draws ``prefetch_factor × workers`` batches
+ahead, before their size is known, and its sampler then stands ahead of the loop. Handing workers only the indices
+already decided (a queue filled at each step) is exact but reads nothing ahead: the workers would wait while the
+model computes. So the loop keeps drawing from its :class:`~hasten.train.sampler.EpochSampler` (a step trains on
+exactly the examples of the direct path for a given seed and batch-size sequence, and the checkpoint holds the
+loop's sampler, never counting a prefetched batch), and the ``DataLoader``'s batch sampler is a *prediction* of the
+indices the loop will ask for: a copy of the sampler run forward at the current batch size, one predicted batch per
+worker task as in a plain ``DataLoader``. Every chunk a worker returns is checked against the indices the loop drew
+before it is used; a batch may take the start or the rest of a chunk. In one process the stream an epoch visits
+does not depend on the batch sizes (they only choose where to cut it), so a prediction never misses. Under DDP a
+rank's shard depends on the global batch size, and a changed size is a miss: the workers start again from the
+loop's indices (persistent workers: the chunks in flight are read and dropped, no new processes). A miss costs
+time, never correctness.
 
 Items must be deterministic functions of their index: a random augmentation inside ``__getitem__`` would draw from
 the workers' generators, which are not the loop's (nor saved in checkpoints); augment in a method instead.
@@ -74,7 +75,7 @@ def load_data(task, path: str | None) -> tuple[Dataset, Dataset]:
 
 def check_workers(workers: int) -> None:
     if workers < 0:
-        raise HastenError(f"workers={workers} must be 0 (read data in this process) or a number of processes")
+        raise HastenError(f"data_workers={workers} must be 0 (read data in this process) or a number of processes")
 
 
 def _loader(dataset: Dataset, batch_sampler, workers: int, pin_memory: bool, persistent: bool) -> DataLoader:

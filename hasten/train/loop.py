@@ -53,7 +53,7 @@ EVAL_BATCH = 1024
 # Settings that may differ between a run and its resume: they do not change the training (device and threads
 # may change the last bits of the numbers).
 RESUMABLE_CHANGES = {"progress", "threads", "run_dir", "data", "device", "eval_every", "eval_examples",
-                     "checkpoint_every", "keep_checkpoints", "workers", "pin_memory"}
+                     "checkpoint_every", "keep_checkpoints", "data_workers", "pin_memory"}
 # LoopState fields saved in a checkpoint and restored on resume.
 SAVED_STATE = ("step", "examples", "epoch", "batch_size", "micro_batch_size", "lr", "loss", "should_stop",
                "nonfinite_steps")
@@ -97,7 +97,8 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
         method.prepare_model(model)  # module swaps, before the optimizer and the checkpoint see the model
     optimizer = make_optimizer(cfg, model.parameters())
     sampler = EpochSampler(len(train), cfg.seed)
-    loader = Batches(train, sampler, device, rank=rank, world=world, workers=cfg.workers, pin_memory=cfg.pin_memory)
+    loader = Batches(train, sampler, device, rank=rank, world=world, workers=cfg.data_workers,
+                     pin_memory=cfg.pin_memory)
 
     run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg))  # touched only once the settings are valid
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             check_micro(state.batch_size, state.micro_batch_size)
             indices = sampler.next_batch(state.batch_size)  # the global batch: the same on every rank
             mine = shard(indices, rank, world)
-            state.batch = loader.fetch(mine, state.batch_size)  # on the device; read by workers if cfg.workers
+            state.batch = loader.fetch(mine, state.batch_size)  # on the device; read by workers if cfg.data_workers
             n = len(indices)  # examples drawn (methods may train on fewer, or on changed ones)
             weight = world * len(mine) / n  # DDP averages the ranks: mean_r(weight_r·mean_r) = the batch mean
             callbacks.fire("batch_ready", state)  # may replace state.batch
@@ -194,7 +195,8 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             final = state.step == cfg.steps or state.should_stop
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or final or state.evaluate_now:
                 callbacks.fire("before_evaluate", state)  # e.g. EMA swaps in its averaged weights
-                last_eval = evaluate(model, task, test, sharded=True, workers=cfg.workers, pin_memory=cfg.pin_memory)
+                last_eval = evaluate(model, task, test, sharded=True, workers=cfg.data_workers,
+                                     pin_memory=cfg.pin_memory)
                 state.metrics.update(last_eval)
                 callbacks.fire("evaluate", state)
                 state.evaluate_now = False

@@ -1,4 +1,4 @@
-"""A registered task whose data is image files read lazily: trains the same with workers=0, workers=2 and as tensors."""
+"""A registered task whose data is image files read lazily: trains the same with data_workers=0 and 2 and as tensors."""
 import dataclasses
 import doctest
 import multiprocessing
@@ -77,7 +77,8 @@ def train(task, run_dir, **overrides) -> dict:
     cfg = TrainConfig(task=task.name, steps=7, batch_size=10, lr=0.2, eval_every=3, checkpoint_every=0, noise="off",
                       progress=False, threads=1, device="cpu", **overrides)
     result = fit(task, cfg, run_dir=run_dir)
-    return {"metrics": result.metrics, "loss": result.loss, **load_checkpoint(run_dir / "checkpoint-latest.pt")["model"]}
+    weights = load_checkpoint(run_dir / "checkpoint-latest.pt")["model"]
+    return {"metrics": result.metrics, "loss": result.loss, **weights}
 
 
 def same(a: dict, b: dict) -> bool:
@@ -87,8 +88,8 @@ def same(a: dict, b: dict) -> bool:
 def test_png_files_train_identically_in_workers_and_as_tensors(png_task, tmp_path):
     task = get_task("png-bands")
     assert task is png_task
-    in_process = train(task, tmp_path / "w0", workers=0)
-    in_workers = train(task, tmp_path / "w2", workers=2)
+    in_process = train(task, tmp_path / "w0", data_workers=0)
+    in_workers = train(task, tmp_path / "w2", data_workers=2)
     assert not multiprocessing.active_children()  # fit stopped its workers
     tensors = dataclasses.replace(png_task, load=lambda path: tuple(map(as_tensors, png_task.load(path))))
     from_tensors = train(tensors, tmp_path / "tensors")

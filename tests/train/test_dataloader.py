@@ -72,7 +72,8 @@ def test_changing_batch_sizes_read_each_example_once_per_epoch(one_process, seed
 def test_ddp_shards_follow_a_changed_batch_size():
     world, sizes = 2, [8, 8, 8, 12, 8, 5, 5, 12, 3, 8]  # epoch 0 ends on 1 example: rank 1's shard is empty
     samplers = [EpochSampler(N, seed=3) for _ in range(world)]
-    ranks = [Batches(Numbered(), s, torch.device("cpu"), rank=r, world=world, workers=2) for r, s in enumerate(samplers)]
+    cpu = torch.device("cpu")
+    ranks = [Batches(Numbered(), s, cpu, rank=r, world=world, workers=2) for r, s in enumerate(samplers)]
     seen = []
     for b in sizes:
         drawn = [s.next_batch(b) for s in samplers]  # every rank draws the same global batch
@@ -107,7 +108,7 @@ def test_resume_mid_epoch_with_workers_is_bit_identical(tmp_path):
     tensors = tiny_task(dropout=0.2)
     task = tiny_task(dropout=0.2)
     object.__setattr__(task, "load", lambda path: tuple(map(Lazy, tensors.load(path))))  # 96 training examples
-    cfg = tiny_config(steps=12, workers=2, checkpoint_every=5, eval_every=6, noise="off")  # the data, alone
+    cfg = tiny_config(steps=12, data_workers=2, checkpoint_every=5, eval_every=6, noise="off")  # the data, alone
     sizes = [8, 12, 4, 20, 8]
     whole = fit(task, cfg, [Sizes(sizes)], run_dir=tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):  # after the checkpoint at step 5 (52 examples: mid-epoch)
@@ -146,13 +147,13 @@ def test_items_that_are_not_pairs_fail_in_one_line(tmp_path, dataset, message):
     _, test = task.load(None)
     object.__setattr__(task, "load", lambda path: (dataset, test))
     with pytest.raises(HastenError, match=message) as error:
-        fit(task, tiny_config(steps=2, workers=2), run_dir=tmp_path)
+        fit(task, tiny_config(steps=2, data_workers=2), run_dir=tmp_path)
     assert "\n" not in str(error.value) and str(error.value).startswith("tiny's training set")
 
 
 def test_workers_must_not_be_negative(tmp_path):
-    with pytest.raises(HastenError, match="workers=-1 must be 0"):
-        fit(tiny_task(), tiny_config(steps=2, workers=-1), run_dir=tmp_path)
+    with pytest.raises(HastenError, match="data_workers=-1 must be 0"):
+        fit(tiny_task(), tiny_config(steps=2, data_workers=-1), run_dir=tmp_path)
     check_examples(Numbered(), "numbers")  # numbers as targets are fine
 
 

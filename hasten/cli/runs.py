@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 from hasten.errors import HastenError
+from hasten.measure.noise_scale import B_SIMPLE_PREDICTS, NOT_MEASURABLE
 from hasten.train.config import TrainConfig, default_run_dir, task_config
 from hasten.train.distributed import is_main, world_size
 
@@ -47,15 +47,15 @@ def run_noise_scale(task_name: str, overrides: list[str]):
         return result
     est = result.noise
     _print_metrics(result)
-    if est is None or not math.isfinite(est.b_simple):
-        print("B_simple: not measurable (|G|² was not positive over the run: train longer or use noise_horizon=-1)")
+    if est is None or not est.measurable:
+        print(f"gradient noise scale B_simple: {NOT_MEASURABLE}"
+              + (f" ({est.n_steps} steps, {est.n_skipped} skipped; noise_horizon=-1 averages the whole run)"
+                 if est is not None else ""))
     else:
         lo, hi = est.interval
         print(f"gradient noise scale B_simple = {est.b_simple:.4g}  (95% interval {lo:.4g} to {hi:.4g}, "
               f"{est.n_steps} steps, {est.n_skipped} skipped)")
-        print(f"predicted critical batch size: of the order of {est.b_simple:.3g} examples (B_simple is an "
-              "order-of-magnitude guide: McCandlish et al. 2018, Table 1, measured B_crit at 0.1-0.5x B_simple; "
-              "`hasten study batch-size` measures B_crit)")
+        print(f"predicted critical batch size: of the order of {est.b_simple:.3g} examples. {B_SIMPLE_PREDICTS}")
     _write_report("noise-scale", cfg, task, result)
     return result
 
@@ -72,13 +72,15 @@ def _write_report(command: str, cfg: TrainConfig, task, result) -> Path:
                "noise source": noise_source(cfg.noise, world_size()),
                "processes": world_size(), "steps": result.steps, "examples": result.examples}
     if est is not None:
-        summary.update({k: getattr(est, k) for k in ("b_simple", "b_simple_se", "grad_sq", "trace_cov",
-                                                      "n_steps", "n_skipped", "n_eff")})
+        summary.update({k: getattr(est, k) for k in ("b_simple", "b_simple_lo", "b_simple_hi", "measurable",
+                                                      "b_simple_se", "grad_sq", "trace_cov", "n_steps",
+                                                      "n_skipped", "n_eff")})
     summary.update(result.metrics)
     notes = [f"Run directory: {run_dir}. Configuration: {json.dumps(dataclasses.asdict(cfg))}"]
     if est is not None:
         notes.append("B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, eq. 2.9) from two batch sizes measured at the "
-                     "same parameters each step (eq. A.2), |G|² and tr(Σ) smoothed separately before dividing.")
+                     "same parameters each step (eq. A.2), |G|² and tr(Σ) smoothed separately before dividing; "
+                     "95% interval by Fieller's theorem on that ratio.")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     rows = read_jsonl(run_dir / "metrics.jsonl")
     path = noise_report(f"hasten {command}: {cfg.task}", rows, summary, notes).write(run_dir / "report.html")

@@ -110,10 +110,11 @@ def analyze(records: list[dict], opts, cfg, task, goals, batch_sizes, train_size
 
 
 def prediction(noise: dict, fit) -> dict:
-    """B_simple from the one run, beside B_crit (McCandlish et al. 2018, Table 1 lists B_crit and B_simple; their
-    ratio B_crit/B_simple ranged from about 0.05 to 8 across tasks)."""
+    """B_simple from the one run, beside B_crit and their ratio. How far apart to expect them is the one statement
+    :data:`hasten.measure.noise_scale.B_SIMPLE_PREDICTS` (the study report prints it)."""
     at, mean = noise.get("b_simple_at_target"), noise.get("b_simple_mean")
-    out = {k: noise.get(k) for k in ("batch_size", "lr", "status", "steps", "b_simple_se", "trajectory",
+    out = {k: noise.get(k) for k in ("batch_size", "lr", "status", "steps", "b_simple_se", "b_simple_lo",
+                                      "b_simple_hi", "trajectory",
                                       "trajectory_dropped", "adaptive_gain", "noise_source", "noise_horizon")}
     out.update({"b_simple_at_target": at, "b_simple_mean": mean, "b_crit": fit.b_crit if fit else None})
     if fit:

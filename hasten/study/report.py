@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from hasten.measure.noise_scale import B_SIMPLE_PREDICTS
 from hasten.report.html import Report
 from hasten.train.checkpoint import write_atomic
 
@@ -119,6 +120,14 @@ def _smith_le_figure(rep: Report, sl: dict) -> None:
                     "mark B_opt (parabola in log B through the best point).")
 
 
+def _interval(pred: dict) -> str:
+    """The one-run B_simple's 95% interval at the goal; no upper bound (None in metrics.jsonl) = not measurable."""
+    lo, hi = pred.get("b_simple_lo"), pred.get("b_simple_hi")
+    if lo is None:
+        return "-"  # a study recorded before the interval was logged
+    return f"{lo:.3g} to {hi:.3g}" if hi is not None else "not measurable"
+
+
 def study_report(s: dict, records: list[dict]) -> Report:
     """The report of a finished (or resumed and finished) study."""
     rep = Report(f"hasten study batch-size: {s['task']}")
@@ -145,14 +154,14 @@ def study_report(s: dict, records: list[dict]) -> Report:
     if pred:
         rep.heading("One-run prediction: B_simple beside B_crit (McCandlish et al. 2018, Table 1)")
         rep.table([{"task": s["task"], "B_crit": fit and fit["b_crit"], "B_simple at goal": pred["b_simple_at_target"],
+                    "B_simple 95% interval (goal)": _interval(pred),
                     "B_simple mean over run": pred["b_simple_mean"],
                     "B_crit / B_simple (goal)": pred.get("ratio_at_target"),
                     "B_crit / B_simple (mean)": pred.get("ratio_mean"),
                     "adaptive gain γ": pred.get("adaptive_gain")}])
         rep.text(f"Measured in one run at B = {pred['batch_size']}, lr = {pred['lr']:.4g} (the fastest trial's), "
-                 f"noise source {pred['noise_source']}, EMA horizon {pred['noise_horizon']:.4g} examples. Paper: "
-                 "MNIST 200/900, SVHN 500/4000, CIFAR-10 900/2000, ImageNet 15k/30k; B_simple is an order-of-"
-                 "magnitude guide. γ = E[√B_noise]²/E[B_noise] ≤ 1 (App. D, B_simple standing in for B_noise) "
+                 f"noise source {pred['noise_source']}, EMA horizon {pred['noise_horizon']:.4g} examples. "
+                 f"{B_SIMPLE_PREDICTS} γ = E[√B_noise]²/E[B_noise] ≤ 1 (App. D, B_simple standing in for B_noise) "
                  "governs what a batch following B ∝ √B_noise saves over the best fixed batch: near 1, little.",
                  cls="note")
         _prediction_figure(rep, s)

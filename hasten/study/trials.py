@@ -203,6 +203,7 @@ def noise_summary(run_dir: Path, last_step: int, cfg) -> dict:
     valid = [b for _, b in trajectory if b is not None and math.isfinite(b) and b > 0]
     at_target = rows.get(last_step, {})
     return {"b_simple_at_target": at_target.get("noise/b_simple"), "b_simple_se": at_target.get("noise/b_simple_se"),
+            "b_simple_lo": at_target.get("noise/b_simple_lo"), "b_simple_hi": at_target.get("noise/b_simple_hi"),
             "b_simple_mean": sum(valid) / len(valid) if valid else None, "trajectory": trajectory,
             "trajectory_dropped": len(trajectory) - len(valid),
             "adaptive_gain": adaptive_batch_gain(valid) if valid else None,

@@ -57,8 +57,9 @@ def summary_line(row: dict, total_steps: int) -> str:
         if row.get(key) is not None:
             parts.append(f"{key.removeprefix('train/')} {row[key]:.4g}")
     parts += [f"{k} {v:.4g}" for k, v in row.items() if k.startswith("eval/") and k != "eval/loss" and v is not None]
-    if row.get("noise/b_simple") is not None:
-        parts.append(f"B_simple {row['noise/b_simple']:.4g}")
+    if row.get("noise/b_simple") is not None:  # its upper bound is logged as None (inf) until it is measurable
+        measurable = row.get("noise/b_simple_hi", 0.0) is not None
+        parts.append(f"B_simple {row['noise/b_simple']:.4g}" if measurable else "B_simple not measurable yet")
     parts.append(f"{row.get('time', 0.0):.1f} s")
     return " | ".join(parts)
 

@@ -119,6 +119,7 @@ class NoiseScaleCallback(Callback):
             self.noise.update(sq_norms.double().mean().item(), 1, big_sq.item(), len(inputs))
         est = self.estimate()
         state.metrics.update({"noise/b_simple": est.b_simple, "noise/b_simple_se": est.b_simple_se,
+                              "noise/b_simple_lo": est.b_simple_lo, "noise/b_simple_hi": est.b_simple_hi,
                               "noise/grad_sq": est.grad_sq, "noise/trace_cov": est.trace_cov,
                               "noise/skipped": est.n_skipped})
 

@@ -7,10 +7,12 @@
 
 ``increase``: Smith, Kindermans, Ying & Le 2017 ("Don't Decay the Learning Rate, Increase the Batch Size"). The
 baseline trains at batch 128 and divides the LR by 5 at 30%, 60% and 80% of the examples (their CIFAR-10 schedule);
-``increase_batch`` multiplies the batch by 5 at the same points instead. Both see the same examples in the same
-order of epochs, with no noise meter (noise=off) so the wall-clock compares training alone; evaluation happens once,
-at the end; wall-clock is the training loop's, CPU time the process's (less sensitive to other load on a shared
-machine). ``--lrs`` picks the baseline's LR on the first seed (best test accuracy); both arms then use it.
+``increase_batch`` multiplies the batch by 5 at the same points instead (``--rule approx``: ε/B held, as in the
+tables of BENCHMARKS.md; ``--rule exact``: the batch with the baseline's noise ε(N/B − 1), 635, 3,044, 12,653).
+Both see the same examples in the same order of epochs, with no noise meter (noise=off) so the wall-clock compares
+training alone; evaluation happens once, at the end; wall-clock is the training loop's, CPU time the process's
+(less sensitive to other load on a shared machine). ``--lrs`` picks the baseline's LR on the first seed (best test
+accuracy); both arms then use it.
 
 ``adaptive``: McCandlish et al. 2018. Every run evaluates each ``--eval-examples`` examples and stops after
 ``--epochs`` epochs; steps- and examples-to-target are read off the first evaluation at or above each target.
@@ -76,21 +78,22 @@ class Curve(Callback):
                             state.metrics["batch_size"], state.metrics.get("noise/b_simple")))
 
 
-def run_increase(seed: int, arm: str, lr: float, epochs: float, model: str, max_batch: int | None = None) -> dict:
+def run_increase(seed: int, arm: str, lr: float, epochs: float, model: str, max_batch: int | None = None,
+                 rule: str = "approx") -> dict:
     steps = round(epochs * TRAIN / BASE)  # the run's length in steps of 128 examples
     ms = [m * steps * BASE for m in MILESTONES]
     if arm == "fixed":  # batch 128 throughout, LR ÷5 at each milestone
         plan = stages([(u, BASE, FACTOR**-i) for i, u in enumerate([*ms, math.inf])])
-    elif arm == "increase":  # batch ×5 at each milestone, LR unchanged (no maximum batch: 128·5³ = 16,000 fits)
-        plan = increase_batch(BASE, ms, FACTOR)
+    elif arm == "increase":  # approx: batch ×5 at each milestone, LR unchanged (128·5³ = 16,000 fits); exact: the
+        plan = increase_batch(BASE, ms, FACTOR, dataset_size=TRAIN, rule=rule)  # batch with the same ε(N/B − 1)
     else:  # hybrid: the same up to max_batch, then the LR decays instead (Smith et al. 2017, hybrid)
-        plan = increase_batch(BASE, ms, FACTOR, max_batch=max_batch)
+        plan = increase_batch(BASE, ms, FACTOR, max_batch=max_batch, dataset_size=TRAIN, rule=rule)
     cfg = config(seed, model, steps=steps, batch_size=BASE, lr=lr, schedule="constant", noise="off")
     cpu = time.process_time()
     result = fit(get_task("fashion"), cfg, [BatchScheduleCallback(plan, constant())], run_dir=WORK / f"inc-{arm}",
                  resume=False)
-    return {"arm": arm, "seed": seed, "lr": lr, "max_batch": max_batch, "accuracy": result.metrics["eval/accuracy"],
-            "loss": result.metrics["eval/loss"], "steps": result.steps, "examples": result.examples,
+    return {"arm": arm, "rule": rule, "seed": seed, "lr": lr, "max_batch": max_batch,
+            "accuracy": result.metrics["eval/accuracy"], "loss": result.metrics["eval/loss"], "steps": result.steps, "examples": result.examples,
             "seconds": result.wall_time, "cpu_seconds": time.process_time() - cpu}
 
 
@@ -133,7 +136,7 @@ def increase(args) -> dict:
     for seed in args.seeds:
         for arm in arms[::-1] if seed % 2 else arms:  # alternate: spread machine load
             if not any(r["seed"] == seed and r["arm"] == arm for r in runs):
-                runs.append(run_increase(seed, arm, lr, args.epochs, args.model, args.max_batch))
+                runs.append(run_increase(seed, arm, lr, args.epochs, args.model, args.max_batch, args.rule))
                 print(json.dumps(runs[-1]), flush=True)
     print(f"\n### fashion {args.model}: fixed batch 128 + step LR decay vs increase_batch ({args.epochs} epochs, "
           f"lr {lr}; LR tuning on seed {args.seeds[0]}: "
@@ -151,7 +154,7 @@ def timing(args) -> dict:
     (robust to other load on a shared machine)."""
     lr = args.lrs[0]
     run_increase(args.seeds[0], "fixed", lr, 0.05, args.model)  # warm-up
-    runs = [run_increase(args.seeds[0], arm, lr, args.epochs, args.model)
+    runs = [run_increase(args.seeds[0], arm, lr, args.epochs, args.model, rule=args.rule)
             for i in range(args.repeats) for arm in (("fixed", "increase") if i % 2 == 0 else ("increase", "fixed"))]
     print(f"\n### fashion {args.model}: time of the {args.epochs}-epoch runs (seed {args.seeds[0]}, lr {lr}, "
           f"{args.repeats} alternating repeats)\n")
@@ -226,6 +229,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8192, help="adaptive: largest batch; increase: the hybrid arm's cap")
     parser.add_argument("--arms", nargs="+", choices=["fixed", "increase", "hybrid"], default=None,
                         help="increase: the arms to run (default fixed increase)")
+    parser.add_argument("--rule", default="approx", choices=["approx", "exact"],
+                        help="increase, timing: increase_batch's rule (approx = ε/B, as in the recorded tables; "
+                             "exact = the same ε(N/B − 1)/(1 − m) as the LR-decay run)")
     parser.add_argument("--repeats", type=int, default=3, help="timing: runs of each arm")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
     parser.add_argument("--out", type=Path, default=Path("bench_increase_batch.json"))

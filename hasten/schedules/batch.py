@@ -4,7 +4,10 @@ Every schedule has ``plan(examples, b_simple=nan) -> Plan``, ``validate(dataset_
 ``state_dict()``/``load_state_dict()`` (empty except for :class:`Adaptive`, whose hysteresis has memory). The LR
 multiplier multiplies whatever the LR schedule says; ``momentum=None`` leaves the optimizer's momentum alone.
 
->>> s = increase_batch(128, milestones=(30_000, 45_000), factor=5, max_batch=1024)
+>>> s = increase_batch(128, milestones=(30_000, 45_000), factor=5, max_batch=1024, dataset_size=50_000)
+>>> [(p.batch_size, round(p.lr_mult, 3)) for p in map(s.plan, (0, 30_000, 45_000))]  # g of LR ÷5, ÷25 at 128
+[(128, 1.0), (634, 1.001), (1024, 0.326)]
+>>> s = increase_batch(128, milestones=(30_000, 45_000), factor=5, max_batch=1024, rule="approx")  # ε/B: B ≪ N
 >>> [tuple(s.plan(e)) for e in (0, 30_000, 45_000)]   # ×5 batch instead of ÷5 LR; past 1024 the LR decays
 [(128, 1.0, None), (640, 1.0, None), (1024, 0.32, None)]
 """
@@ -15,7 +18,7 @@ import math
 from typing import Callable, NamedTuple, Sequence
 
 from hasten.errors import HastenError
-from hasten.schedules.scaling import RULES, rescale
+from hasten.schedules.scaling import RULES, constant_noise_batch, constant_noise_lr, rescale
 
 INF = math.inf
 
@@ -98,74 +101,118 @@ def fixed(batch: int) -> Stages:
     return Stages([(INF, batch, 1.0)])
 
 
+INCREASE_RULES = ("exact", "approx")
+
+
 def increase_batch(base_batch: int, milestones: Sequence[float] = (), factor: float = 5.0,
                    max_batch: int | None = None, *, lr_schedule: Callable[[float], float] | None = None,
-                   total_examples: float | None = None, multiple: int = 1):
+                   total_examples: float | None = None, multiple: int = 1, dataset_size: int | None = None,
+                   rule: str = "exact") -> FromLR:
     """Grow the batch where an LR schedule would decay the LR (Smith, Kindermans, Ying & Le 2017, "Don't Decay the
-    Learning Rate, Increase the Batch Size"), keeping the SGD noise g ∝ ε/B of the LR-decay run.
+    Learning Rate, Increase the Batch Size"), keeping the SGD noise g = ε(N/B − 1)/(1 − m) of the LR-decay run.
 
-    Either ``milestones`` (examples) with ``factor`` (the batch is ×factor at each one, where the LR would be
-    ÷factor), or any decay ``lr_schedule(examples) -> multiplier`` (checked non-increasing on [0, total_examples]):
-    then B = base/lr. Past ``max_batch`` the LR decays instead, ε/B being kept ("hybrid"). Batches round to
-    ``multiple``, and the LR multiplier B/B_ideal absorbs the rounding so ε/B is exact.
+    The decay is either ``milestones`` (examples) with ``factor`` (the LR would be ÷factor at each one), or any
+    ``lr_schedule(examples) -> multiplier`` d (checked non-increasing on [0, total_examples]). Where the LR-decay
+    run (batch ``base_batch``, LR ε·d) is, this one trains at:
+
+    - ``rule="exact"`` (default): B = N/(1 + d(N/B₀ − 1)), the batch whose g equals that run's at the full LR
+      (:func:`~hasten.schedules.scaling.constant_noise_batch`; N = ``dataset_size``, required). The momentum
+      cancels when both runs share it. B stays below N, so g never drops to the full-batch 0.
+    - ``rule="approx"``: the paper's B = B₀/d, which holds ε/B and so g only while B ≪ N: at B = N/2 its noise is
+      already (N/B − 1)/(N/B₀ − 1)·B/B₀ below the LR-decay run's.
+
+    Past ``max_batch`` the batch stays there and the LR decays instead, by the same rule ("hybrid"). Batches round
+    to the nearest multiple of ``multiple`` and the LR multiplier takes up the rounding, so the rule's g (or ε/B)
+    is held exactly, not within a rounding error.
     """
+    if rule not in INCREASE_RULES:
+        raise HastenError(f"increase_batch rule {rule!r}: choose exact (holds ε(N/B − 1)/(1 − m)) or approx "
+                          "(holds ε/B, Smith et al.'s B ≪ N form)")
     if not base_batch >= 1:
         raise HastenError(f"base_batch={base_batch} must be a positive integer")
     _check_multiple(base_batch, multiple, "base_batch")
     if max_batch is not None and max_batch < base_batch:
         raise HastenError(f"max_batch={max_batch} is smaller than base_batch={base_batch}")
     cap = INF if max_batch is None else max(multiple, multiple * (max_batch // multiple))
+    if rule == "exact":
+        if not dataset_size:
+            raise HastenError("increase_batch rule='exact' needs dataset_size (N in g = ε(N/B − 1)/(1 − m)); "
+                              "or pass rule='approx' to hold ε/B")
+        if base_batch >= dataset_size:
+            raise HastenError(f"base_batch={base_batch} must be smaller than dataset_size={dataset_size}: "
+                              "a full batch has no SGD noise to hold")
+        cap = min(cap, multiple * ((dataset_size - 1) // multiple))  # below N: g > 0 wherever the LR is
     if lr_schedule is not None:
         if milestones:
             raise HastenError("give increase_batch either milestones or an lr_schedule, not both")
-        return FromLR(base_batch, lr_schedule, cap, total_examples, multiple)
-    if not factor >= 1:
-        raise HastenError(f"factor={factor} must be ≥ 1 (the batch multiplier at each milestone)")
-    ms = [float(m) for m in milestones]
-    if any(not b > a for a, b in zip(ms, ms[1:])) or (ms and not ms[0] > 0):
-        raise HastenError(f"milestones must be positive and strictly increasing, got {list(milestones)}")
-    rows = []
-    for i, until in enumerate(ms + [INF]):
-        ideal = base_batch * factor**i
-        batch = min(round_batch(ideal, multiple), cap)
-        rows.append((until, batch, batch / ideal))
-    return Stages(rows)
-
-
-class FromLR:
-    """B = base/lr(examples) capped at ``max_batch``; LR multiplier B·lr/base (see :func:`increase_batch`)."""
-
-    GRID = 257  # points of [0, total_examples] where the LR schedule is checked to be a decay
-
-    def __init__(self, base_batch: int, lr_schedule: Callable[[float], float], max_batch: float,
-                 total_examples: float | None, multiple: int = 1):
-        if not math.isfinite(max_batch):
+        if not math.isfinite(cap):
             raise HastenError("increase_batch from an lr_schedule needs max_batch (the LR may reach 0)")
         if not (total_examples and total_examples > 0):
             raise HastenError("increase_batch from an lr_schedule needs total_examples > 0 to check the schedule")
-        grid = [lr_schedule(total_examples * i / (self.GRID - 1)) for i in range(self.GRID)]
+        grid = [lr_schedule(total_examples * i / (FromLR.GRID - 1)) for i in range(FromLR.GRID)]
         if not grid[0] > 0 or any(not (math.isfinite(v) and v >= 0) for v in grid):
             raise HastenError(f"lr_schedule must start > 0 and stay finite and ≥ 0, got {grid[0]} at 0 examples")
         if any(b > a * (1 + 1e-12) for a, b in zip(grid, grid[1:])):
             raise HastenError("lr_schedule must be non-increasing (a decay) to become batch increases; "
                               "apply LR warmup separately")
-        self.base_batch, self.lr_schedule, self.max_batch = base_batch, lr_schedule, int(max_batch)
-        self.total_examples, self.multiple = total_examples, multiple
+        return FromLR(base_batch, lr_schedule, cap, multiple, rule, dataset_size, probes=grid, continuous=True)
+    if not factor >= 1:
+        raise HastenError(f"factor={factor} must be ≥ 1 (the batch multiplier at each milestone)")
+    ms = [float(m) for m in milestones]
+    if any(not b > a for a, b in zip(ms, ms[1:])) or (ms and not ms[0] > 0):
+        raise HastenError(f"milestones must be positive and strictly increasing, got {list(milestones)}")
+    decays = [float(factor) ** -i for i in range(len(ms) + 1)]
+    return FromLR(base_batch, lambda e: decays[bisect.bisect_right(ms, e)], cap, multiple, rule, dataset_size,
+                  probes=decays, continuous=False)
+
+
+class FromLR:
+    """The batch (and LR multiplier) that hold an LR-decay run's noise where its LR is ×``lr_schedule(examples)``;
+    see :func:`increase_batch`, which builds it."""
+
+    GRID = 257  # points of [0, total_examples] where the LR schedule is checked to be a decay
+
+    def __init__(self, base_batch: int, lr_schedule: Callable[[float], float], max_batch: float, multiple: int,
+                 rule: str, dataset_size: int | None, *, probes: Sequence[float] = (), continuous: bool = True):
+        self.base_batch, self.lr_schedule, self.max_batch = base_batch, lr_schedule, max_batch
+        self.multiple, self.rule, self.dataset_size = multiple, rule, dataset_size
+        self.probes, self.continuous = tuple(probes), continuous  # LR multipliers validate() plans for
+
+    def batch_for(self, decay: float) -> Plan:
+        """The plan where the LR-decay run's LR is ×``decay``."""
+        base, cap, multiple = self.base_batch, self.max_batch, self.multiple
+        if self.rule == "approx":  # ε/B = decay/base: B = base/decay
+            batch = cap if decay <= 0 else min(round_batch(base / decay, multiple), cap)
+            return Plan(int(batch), batch * decay / base)
+        ideal = constant_noise_batch(decay, base, 1.0, self.dataset_size)  # g of the LR-decay run at the full LR
+        batch = min(round_batch(ideal, multiple), cap)
+        return Plan(int(batch), constant_noise_lr(decay, base, batch, self.dataset_size))
 
     def plan(self, examples: float, b_simple: float = math.nan) -> Plan:
-        lr = self.lr_schedule(examples)
-        batch = self.max_batch if lr <= 0 else min(round_batch(self.base_batch / lr, self.multiple), self.max_batch)
-        return Plan(batch, batch * lr / self.base_batch)
+        return self.batch_for(self.lr_schedule(examples))
 
     def validate(self, dataset_size: int | None = None, multiple: int = 1) -> None:
-        _check_fits(self.max_batch, dataset_size, "max_batch")
+        if self.rule == "exact" and dataset_size is not None and dataset_size != self.dataset_size:
+            raise HastenError(f"increase_batch was built for dataset_size={self.dataset_size} but the training set "
+                              f"has {dataset_size} examples: build it with dataset_size={dataset_size}")
         _check_multiple(self.base_batch, multiple, "base_batch")
-        _check_multiple(self.max_batch, multiple, "max_batch")
+        if self.continuous and self.multiple % multiple:
+            raise HastenError(f"increase_batch rounds batches to multiples of {self.multiple}, not of micro-batch × "
+                              f"world size = {multiple}: build it with multiple={multiple}")
+        for decay in self.probes:
+            batch = self.batch_for(decay).batch_size
+            what = "max_batch" if batch == self.max_batch else f"batch (where the LR would be ×{decay:.3g})"
+            _check_fits(batch, dataset_size, what)
+            _check_multiple(batch, multiple, what)
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def __repr__(self) -> str:
+        return (f"increase_batch(base_batch={self.base_batch}, max_batch={self.max_batch}, rule={self.rule!r}, "
+                f"dataset_size={self.dataset_size}, multiple={self.multiple})")
 
 
 def batch_cost(batch: float, b_noise: float, step_value: float) -> float:

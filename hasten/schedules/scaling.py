@@ -78,7 +78,8 @@ def _check_noise_args(batch: float, dataset_size: float, momentum: float) -> Non
 def sgd_noise(lr: float, batch: float, dataset_size: float, momentum: float = 0.0) -> float:
     """SGD's noise scale g = ε(N/B − 1)/(1 − m) (Smith & Le 2017, "A Bayesian Perspective on Generalization and
     SGD", §5; with momentum: Smith, Kindermans, Ying & Le 2017, "Don't Decay the Learning Rate, Increase the Batch
-    Size", §2). Keeping g constant means B ∝ ε and B ∝ 1/(1 − m) while B ≪ N."""
+    Size", §2). Keeping g constant means B ∝ ε and B ∝ 1/(1 − m) while B ≪ N; exactly, :func:`constant_noise_lr`,
+    :func:`constant_noise_batch` and :func:`constant_noise_momentum` each solve g for one of ε, B, m."""
     _check_noise_args(batch, dataset_size, momentum)
     return lr * (dataset_size / batch - 1.0) / (1.0 - momentum)
 
@@ -91,6 +92,19 @@ def constant_noise_lr(lr: float, batch: float, new_batch: float, dataset_size: f
     if new_batch >= dataset_size:
         raise HastenError(f"batch={new_batch} is the whole dataset: full-batch SGD has no noise to keep constant")
     return g * (1.0 - momentum) / (dataset_size / new_batch - 1.0)
+
+
+def constant_noise_batch(lr: float, batch: float, new_lr: float, dataset_size: float, momentum: float = 0.0) -> float:
+    """The batch that keeps g = ε(N/B − 1)/(1 − m) unchanged when ε → ε' (Smith, Kindermans, Ying & Le 2017:
+    increase the batch instead of decaying the LR): solving g = ε'(N/B' − 1)/(1 − m) gives
+    B' = N/(1 + g(1 − m)/ε') = N/(1 + (ε/ε')(N/B − 1)). A real number (round it, then let :func:`constant_noise_lr`
+    absorb the rounding); below N for any ε > 0, N itself for ε = 0 (no noise to keep)."""
+    if not new_lr > 0:
+        raise HastenError(f"new_lr={new_lr} must be positive: at LR 0 no batch gives SGD noise")
+    if not lr >= 0:
+        raise HastenError(f"lr={lr} must be ≥ 0")
+    g = sgd_noise(lr, batch, dataset_size, momentum)
+    return dataset_size / (1.0 + g * (1.0 - momentum) / new_lr)
 
 
 def constant_noise_momentum(momentum: float, lr: float, batch: float, new_batch: float, dataset_size: float) -> float:

@@ -3,8 +3,9 @@
 Progress is counted in steps of the configured ``batch_size`` (base-batch steps): a step of n examples adds
 n/batch_size, or AdaScale's gain r when the schedule scales the LR by AdaScale (τ += r, Johnson et al. 2020). The
 LR schedule is read at that progress and multiplied by the plan's LR multiplier, and the run stops once progress
-reaches ``steps`` (the last step is trimmed to the examples left, its LR scaled to keep ε/B): bigger batches see the
-same examples in fewer optimizer steps. ``steps`` still caps the number of optimizer steps (it binds only when
+reaches ``steps`` (the last step is trimmed to the examples left, its LR scaled to keep the noise the schedule
+holds: g = ε(N/B − 1)/(1 − m) for ``batch=increase`` with the exact rule, else ε/B): bigger batches see the same
+examples in fewer optimizer steps. ``steps`` still caps the number of optimizer steps (it binds only when
 batches smaller than ``batch_size`` are planned).
 
 The estimate the adaptive schedule follows is the ``noise/b_simple`` that :class:`NoiseScaleCallback` logged on
@@ -17,7 +18,8 @@ import math
 import torch
 
 from hasten.errors import HastenError
-from hasten.schedules import Adaptive, adaptive, adascale_gain_from_noise, increase_batch, stages
+from hasten.schedules import (Adaptive, FromLR, adaptive, adascale_gain_from_noise, constant_noise_lr,
+                              increase_batch, stages)
 from hasten.train.events import Callback, LoopState
 from hasten.train.schedule import SCHEDULES, Schedule, constant, make_schedule, warmup
 
@@ -40,9 +42,11 @@ def schedule_from_config(cfg, train_size: int, multiple: int = 1) -> tuple[objec
         if cfg.schedule == "constant":
             raise HastenError("batch=increase grows the batch where the LR decays: set schedule=step or cosine")
         decay, w = SCHEDULES[cfg.schedule](cfg.steps - cfg.warmup), cfg.warmup
-        # Smith et al. 2017: B = batch_size / decay(progress); the warmup stays an LR warmup.
+        # Smith et al. 2017: the batch whose noise g equals the LR-decay run's (exact: B = N/(1 + d(N/B₀ − 1));
+        # approx: B = B₀/d); the warmup stays an LR warmup.
         plan = increase_batch(base, max_batch=biggest, lr_schedule=lambda e: decay(max(e / base - w, 0.0)),
-                              total_examples=total, multiple=multiple)
+                              total_examples=total, multiple=multiple, dataset_size=train_size,
+                              rule=cfg.batch_increase_rule)
         return plan, warmup(constant(), w)
     if cfg.batch == "adaptive":
         if cfg.noise == "off":
@@ -103,10 +107,13 @@ class BatchScheduleCallback(Callback):
     def on_batch_start(self, state: LoopState) -> None:
         plan, cfg = self.schedule.plan(state.examples, self.b_simple), state.cfg
         batch, lr_mult = plan.batch_size, plan.lr_mult
-        if not self._adascale():  # the last step takes only the examples left in the run, at the same ε/B
+        if not self._adascale():  # the last step takes only the examples left in the run, at the same noise
             left = self.multiple * math.ceil((cfg.steps - self.progress) * cfg.batch_size / self.multiple - 1e-9)
             if self.multiple <= left < batch:
-                batch, lr_mult = left, lr_mult * left / batch
+                exact = isinstance(self.schedule, FromLR) and self.schedule.rule == "exact"
+                lr_mult = (constant_noise_lr(lr_mult, batch, left, state.train_size) if exact
+                           else lr_mult * left / batch)
+                batch = left
         state.batch_size = batch
         state.lr = cfg.lr * self.lr_schedule(self.progress) * lr_mult
         if plan.momentum is not None:

@@ -20,6 +20,7 @@ sys.path.insert(0, str(HERE.parent / "train"))
 from train_tiny_task import make_data, tiny_config, tiny_task  # noqa: E402
 
 from hasten.cli.main import main as cli  # noqa: E402
+from hasten.schedules import sgd_noise  # noqa: E402
 from hasten.train import fit, load_checkpoint  # noqa: E402
 from hasten.train.logger import read_jsonl  # noqa: E402
 from hasten.train.sampler import EpochSampler, epoch_permutation, shard  # noqa: E402
@@ -40,15 +41,23 @@ def run(tmp_path, **kw):
 
 
 def test_increase_keeps_the_step_decay_noise_and_the_epochs(tmp_path):
-    """lr/B of every step equals lr·0.1^(milestones passed)/batch_size of the step-decay run at the same progress."""
-    steps, base = 80, 8
+    """g = lr(N/B − 1)/(1 − m) of every step equals the step-decay run's, lr·0.1^(milestones passed)·(N/8 − 1)/(1 − m),
+    at the same progress (exact rule; N = 96 examples, so B ≪ N does not hold and ε/B would be far off)."""
+    steps, base, n = 80, 8, 96
     result, rows = run(tmp_path, steps=steps, batch_size=base, micro_batch_size=4, schedule="step", batch="increase")
     for r in rows:
         decay = 0.1 ** sum(r["batch/progress"] >= m * steps for m in (0.5, 0.75))
-        assert r["lr"] / r["batch/planned"] == pytest.approx(0.1 * decay / base, rel=1e-9)
-    assert rows[0]["batch/planned"] == base and max(r["batch/planned"] for r in rows) == 96  # capped: training set
+        g_decay = sgd_noise(0.1 * decay, base, n)
+        assert sgd_noise(r["lr"], r["batch/planned"], n) == pytest.approx(g_decay, rel=1e-9)
+    planned = sorted({r["batch/planned"] for r in rows})
+    assert planned[0] == base and 44 in planned and max(planned) == 88  # 96/2.1 = 45.7 and 96/1.11 = 86.5, ×4
     assert result.examples == steps * base  # the same examples as the step-decay run (the last step trimmed)
-    assert result.steps < steps / 1.7  # the same examples in far fewer optimizer steps
+    # The same examples in fewer optimizer steps: 40 at 8, then 160 examples at 44 and 160 at 88 (plus the steps cut
+    # short at the ends of epochs). ε/B would have used batches up to 96, with no noise left.
+    assert result.steps < 0.65 * steps
+    rows_approx = run(tmp_path / "approx", steps=steps, batch_size=base, micro_batch_size=4, schedule="step",
+                      batch="increase", batch_increase_rule="approx")[1]
+    assert max(r["batch/planned"] for r in rows_approx) == 96  # B = 8/0.01 capped at the training set: no noise
 
 
 def test_adaptive_follows_the_meter_with_adascale_lr(tmp_path):
@@ -174,21 +183,26 @@ def test_cli_keys_and_one_line_errors(tmp_path, capsys):
     common = ["steps=30", "eval_every=0", "checkpoint_every=0", "progress=false", "threads=1"]
     assert cli(["train", "digits", "batch=increase", "schedule=step", f"run_dir={tmp_path}", *common]) == 0
     rows = read_jsonl(tmp_path / "metrics.jsonl")
-    assert rows[0]["batch/planned"] == 64 and rows[15]["batch/planned"] == 640  # ×10 at the first milestone
+    # LR ÷10 at the first milestone → the batch with the same g: 1437/(1 + 0.1·(1437/64 − 1)) = 456.9 (not 640)
+    assert rows[0]["batch/planned"] == 64 and rows[15]["batch/planned"] == 457
     assert 30 * 64 <= sum(r["batch_size"] for r in rows) < 30 * 64 + 16 and len(rows) < 20  # 16: micro-batch
-    for args, words in [
+    assert cli(["train", "digits", "batch=increase", "schedule=step", "batch_increase_rule=approx",
+                f"run_dir={tmp_path / 'approx'}", *common]) == 0
+    assert read_jsonl(tmp_path / "approx" / "metrics.jsonl")[15]["batch/planned"] == 640  # ε/B: ×10
+    for i, (args, words) in enumerate([
         (["batch=sometimes"], "fixed, increase, adaptive, stages"),
-        (["batch=adaptive", "noise=off"], "noise=micro"),
+        (["batch=adaptive", "noise=off"], "follows the noise scale"),
         (["batch=stages"], "batch_stages"),
         (["batch=stages", "batch_stages=0.5:x"], "until:batch"),
         (["batch=stages", "batch_stages=0.6:64,0.3:128"], "strictly increasing"),
         (["batch=increase", "schedule=constant"], "schedule=step"),
         (["batch=increase", "batch_max=32"], "smaller than base_batch"),
+        (["batch=increase", "schedule=step", "batch_increase_rule=linear"], "choose exact"),
         (["batch=adaptive", "batch_max=100000"], "larger than the training set"),
         (["batch=adaptive", "batch_min=128", "batch_max=96"], "smaller than min_batch"),
         (["batch=stages", "batch_stages=1:0"], "positive integer"),
-    ]:
+    ]):
         capsys.readouterr()
-        assert cli(["train", "digits", f"run_dir={tmp_path / 'bad'}", *common, *args]) == 2
+        assert cli(["train", "digits", f"run_dir={tmp_path / f'bad{i}'}", *common, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err

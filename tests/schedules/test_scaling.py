@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import hasten.schedules.scaling as scaling
 from hasten.errors import HastenError
-from hasten.schedules import (adascale_gain, adascale_gain_from_noise, adascale_progress, constant_noise_lr,
-                              constant_noise_momentum, linear_lr, rescale, sgd_noise, sqrt_lr)
+from hasten.schedules import (adascale_gain, adascale_gain_from_noise, adascale_progress, constant_noise_batch,
+                              constant_noise_lr, constant_noise_momentum, linear_lr, rescale, sgd_noise, sqrt_lr)
 
 batches = st.integers(1, 4096)
 
@@ -66,6 +66,11 @@ def test_smith_le_noise_closed_form():
     assert constant_noise_lr(0.1, 100, 200, 50_000, 0.9) == pytest.approx(0.1 * 499 / 249)
     # 1 − m' = (1 − 0.9)·249/499
     assert constant_noise_momentum(0.9, 0.1, 100, 200, 50_000) == pytest.approx(1 - 0.1 * 249 / 499)
+    # LR ÷5 at B = 100 → B' = N/(1 + 0.2·499) = 50000/100.8 at the full LR (B ≪ N: ≈ 5·100 = 500)
+    assert constant_noise_batch(0.02, 100, 0.1, 50_000, 0.9) == pytest.approx(50_000 / 100.8)
+    # near N the two differ: N = 1000, LR ÷10 at B = 100 → B' = 1000/1.9 = 526, not 1000
+    assert constant_noise_batch(0.01, 100, 0.1, 1000) == pytest.approx(1000 / 1.9)
+    assert constant_noise_batch(0.0, 100, 0.1, 1000) == 1000.0  # no noise to keep: the full batch
 
 
 @given(st.integers(100, 100_000), st.floats(0.01, 0.99), st.floats(1e-3, 1.0), st.data())
@@ -74,6 +79,9 @@ def test_constant_noise_rules_keep_g(n, m, lr, data):
     b2 = data.draw(st.integers(1, n - 1))
     g = sgd_noise(lr, b, n, m)
     assert sgd_noise(constant_noise_lr(lr, b, b2, n, m), b2, n, m) == pytest.approx(g, rel=1e-9)
+    lr2 = data.draw(st.floats(lr, 10.0))  # a larger LR: a larger batch keeps g
+    b3 = constant_noise_batch(lr, b, lr2, n, m)
+    assert b <= b3 * (1 + 1e-9) and b3 < n and sgd_noise(lr2, b3, n, m) == pytest.approx(g, rel=1e-9)
     try:
         m2 = constant_noise_momentum(m, lr, b, b2, n)
     except HastenError:
@@ -100,6 +108,7 @@ def test_rescale_dispatch_and_errors():
         (lambda: constant_noise_lr(0.1, 10, 100, 100), "whole dataset"),
         (lambda: constant_noise_momentum(0.0, 0.1, 10, 5, 100), "no momentum"),
         (lambda: sgd_noise(0.1, 10, 100, 1.0), "momentum"),
+        (lambda: constant_noise_batch(0.1, 10, 0.0, 100), "new_lr"),
     ]:
         with pytest.raises(HastenError, match=words) as e:
             call()

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         "per_batch": [{k: r.get(k) for k in ("batch_size", "lr", "steps", "examples", "time", "reached", "regime")}
                       for r in summary["per_batch"]],
         "b_crit": fit.get("b_crit"), "b_crit_ci": (fit.get("ci") or {}).get("b_crit"),
+        "b_crit_not_identified": fit.get("reason") or None,
         "s_min": fit.get("s_min"), "e_min": fit.get("e_min"), "fit_residual_rms": fit.get("residual_rms"),
         "b_simple_at_target": pred.get("b_simple_at_target"), "b_simple_mean": pred.get("b_simple_mean"),
         "b_crit_over_b_simple": pred.get("ratio_at_target"), "b_crit_over_b_simple_mean": pred.get("ratio_mean"),

@@ -16,6 +16,14 @@ Fit: least squares in log space (steps-to-target errors are multiplicative), Σ 
 the mean of log S_i − log(1 + B_crit/B_i), so the fit is a 1-D search on log B_crit: a dense grid (global, needs
 no starting guess, cannot diverge) refined by golden section, run for all bootstrap replicates at once.
 
+Identified or not: the curve bends from S ∝ 1/B (B ≪ B_crit) to S ≈ S_min (B ≫ B_crit) over about two decades
+around B_crit. With B_crit more than ``IDENTIFY_FACTOR`` = 10 above the largest batch (or below the smallest), every
+point lies within 10% of one straight branch (all "perfect scaling", or all "plateau", in :func:`scaling_regimes`):
+the steps cannot tell B_crit from infinity (or 0), and the least-squares B_crit is whatever the noise makes it, up
+to e¹² × the largest batch. The same holds when the bootstrap interval reaches that far. The fit then says "B_crit not identified" with the reason, and no number.
+Without a bootstrap (fewer than 4 points, or ``bootstrap=0``) only the point estimate decides, so noisy points
+that barely bend can still pass.
+
 Bootstrap: residual bootstrap. The batch sizes are a design chosen by the experimenter, so they stay fixed;
 log-space residuals (inflated by √(n/(n−2)) for the two fitted parameters) are resampled with replacement onto the
 fitted curve and the curve is refitted. This works with one trial per batch size as well as several, and never
@@ -34,6 +42,7 @@ _GRID_POINTS = 801
 _GRID_MARGIN = 12.0  # nats beyond the tested batch range; further out the curve is flat (B_crit not identified)
 _GOLDEN_ITERS = 64
 _MIN_POINTS_FOR_CI = 4
+IDENTIFY_FACTOR = 10.0  # B_crit beyond this factor outside the grid: the curve has not bent within it (see above)
 REGIMES = ("perfect scaling", "diminishing returns", "plateau")
 
 
@@ -43,23 +52,38 @@ class CriticalBatchFit:
 
     ``ci`` maps "s_min", "e_min", "b_crit" to 95% residual-bootstrap intervals (None below 4 points or with
     ``bootstrap=0``). ``residual_rms`` is √(mean squared log residual): 0.1 means the curve misses by ~10%.
+
+    When the batch sizes do not reach the bend of the curve, ``identified`` is False, ``b_crit`` is None and
+    ``reason`` says so and which way to extend the grid; ``side`` is "above" (steps still fall as 1/B: B_crit above
+    the grid, E_min still known), "below" (steps flat: B_crit below it, S_min still known) or "either" (the interval
+    runs off both ways). ``curve`` is the least-squares (S_min, B_crit), which predicts steps inside the grid either
+    way; ``predict_steps`` and ``predict_examples`` use it.
     """
 
-    s_min: float
-    e_min: float
-    b_crit: float
+    s_min: float | None
+    e_min: float | None
+    b_crit: float | None
     ci: dict[str, tuple[float, float]] | None
     residual_rms: float
     n_points: int
+    identified: bool = True
+    reason: str = ""  # "" when identified
+    side: str = ""  # not identified: above | below | either
+    curve: tuple[float, float] | None = None  # least-squares (S_min, B_crit); None = (s_min, b_crit)
+
+    def _curve(self) -> tuple[float, float]:
+        return self.curve or (self.s_min, self.b_crit)
 
     def predict_steps(self, b):
         """S(B) = S_min·(1 + B_crit/B): steps to the target at batch size B (float, or array for an array)."""
-        out = self.s_min * (1.0 + self.b_crit / np.asarray(b, dtype=float))
+        s_min, b_crit = self._curve()
+        out = s_min * (1.0 + b_crit / np.asarray(b, dtype=float))
         return float(out) if out.ndim == 0 else out
 
     def predict_examples(self, b):
         """E(B) = E_min·(1 + B/B_crit) = B·S(B): examples to the target at batch size B."""
-        out = self.e_min * (1.0 + np.asarray(b, dtype=float) / self.b_crit)
+        s_min, b_crit = self._curve()
+        out = s_min * b_crit * (1.0 + np.asarray(b, dtype=float) / b_crit)
         return float(out) if out.ndim == 0 else out
 
     def as_dict(self) -> dict:
@@ -156,14 +180,33 @@ def fit_critical_batch(batch_sizes, steps, *, bootstrap: int = 1000, seed: int =
         draws = {"s_min": bs_log_s, "e_min": bs_log_s + bs_log_bc, "b_crit": bs_log_bc}
         ci = {k: tuple(float(v) for v in np.exp(np.percentile(d, [2.5, 97.5]))) for k, d in draws.items()}
     s_min, b_crit = float(np.exp(log_s_min[0])), float(np.exp(log_b_crit[0]))
-    return CriticalBatchFit(
-        s_min=s_min,
-        e_min=s_min * b_crit,
-        b_crit=b_crit,
-        ci=ci,
-        residual_rms=float(np.sqrt(np.mean(resid**2))),
-        n_points=int(n),
-    )
+    side = _unidentified_side(b_crit, ci, b.min(), b.max())
+    fields = dict(ci=ci, residual_rms=float(np.sqrt(np.mean(resid**2))), n_points=int(n))
+    if not side:
+        return CriticalBatchFit(s_min=s_min, e_min=s_min * b_crit, b_crit=b_crit, **fields)
+    return CriticalBatchFit(s_min=s_min if side == "below" else None, e_min=s_min * b_crit if side == "above" else None,
+                            b_crit=None, identified=False, reason=_not_identified(side, b, ci), side=side,
+                            curve=(s_min, b_crit), **fields)
+
+
+def _unidentified_side(b_crit: float, ci, b_lo: float, b_hi: float) -> str:
+    """"" when B_crit is identified; else the side of the grid where it may lie (above, below or either)."""
+    lo, hi = (ci or {}).get("b_crit", (b_crit, b_crit))
+    above = max(b_crit, hi) > IDENTIFY_FACTOR * b_hi
+    below = min(b_crit, lo) < b_lo / IDENTIFY_FACTOR
+    return "either" if above and below else "above" if above else "below" if below else ""
+
+
+def _not_identified(side: str, b: np.ndarray, ci) -> str:
+    grid = f"B = {b.min():g} to {b.max():g}"
+    detail = {"above": "steps still fall as 1/B, so B_crit lies above it",
+              "below": "steps no longer fall with B, so B_crit lies below it",
+              "either": "its 95% interval runs off the grid both ways"}[side]
+    if ci:
+        detail += f"; 95% interval {ci['b_crit'][0]:.3g} to {ci['b_crit'][1]:.3g}"
+    direction = {"above": "upward", "below": "downward", "either": "both ways (or add seeds)"}[side]
+    return (f"B_crit not identified (the curve has not bent within the grid, {grid}: {detail}): extend batch_sizes "
+            f"{direction}")
 
 
 def scaling_regimes(fit: CriticalBatchFit, batch_sizes, *, tolerance: float = 0.1) -> list[str]:
@@ -176,10 +219,17 @@ def scaling_regimes(fit: CriticalBatchFit, batch_sizes, *, tolerance: float = 0.
       (the elasticity −dlog S/dlog B = 1/(1 + B/B_crit) is ≥ 0.91);
     - plateau: B ≥ 10·B_crit — within 10% of the fewest steps; a larger batch buys little (elasticity ≤ 0.09);
     - diminishing returns: in between.
+
+    When B_crit is not identified every batch size gets the branch the grid shows ("perfect scaling" for
+    side="above", "plateau" for side="below", None for "either").
     """
     if not 0 < tolerance < 1:
         raise HastenError(f"tolerance must be between 0 and 1, got {tolerance}")
-    ratio = _positive_1d("batch_sizes", batch_sizes) / fit.b_crit
+    b = _positive_1d("batch_sizes", batch_sizes)
+    if not fit.identified:  # what the grid shows: one branch of the curve (None where it shows nothing)
+        label = {"above": REGIMES[0], "below": REGIMES[2]}.get(fit.side)
+        return [label] * b.size
+    ratio = b / fit.b_crit
     return [REGIMES[0] if r <= tolerance else REGIMES[2] if r >= 1.0 / tolerance else REGIMES[1] for r in ratio]
 
 

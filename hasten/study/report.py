@@ -50,9 +50,14 @@ def _axes(ax, ylabel: str) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+def _curve(fit: dict) -> tuple[float, float]:
+    """(S_min, B_crit) of the fitted curve: the least-squares one also when B_crit is not identified."""
+    return tuple(fit.get("curve") or (fit["s_min"], fit["b_crit"]))
+
+
 def _vlines(ax, s: dict) -> None:
     fit, pred = s.get("fit"), s.get("prediction") or {}
-    if fit:
+    if fit and fit.get("b_crit"):
         ax.axvline(fit["b_crit"], color="C3", ls="--", label=f"B_crit = {fit['b_crit']:.3g}")
     if pred.get("b_simple_at_target"):
         ax.axvline(pred["b_simple_at_target"], color="C2", ls=":", label=f"B_simple = {pred['b_simple_at_target']:.3g}")
@@ -70,12 +75,17 @@ def _scaling_figures(rep: Report, s: dict, target: list[dict]) -> None:
             ax.scatter(*zip(*tried), s=12, color="0.6", label="each trial that reached the goal")
         b, y = _best(s, key)
         ax.plot(b, y, "o", color="C0", ms=7, label="fastest trial per batch size")
+        shown = " (B_crit not identified: least squares)" if fit and not fit.get("b_crit") else ""
         if fit and key == "steps":
-            ax.plot(grid, fit["s_min"] * (1 + fit["b_crit"] / grid), color="C1", label="S = S_min(1 + B_crit/B)")
-            ax.axhline(fit["s_min"], color="C1", alpha=0.4, ls=":", label=f"S_min = {fit['s_min']:.3g}")
+            s_min, b_crit = _curve(fit)
+            ax.plot(grid, s_min * (1 + b_crit / grid), color="C1", label="S = S_min(1 + B_crit/B)" + shown)
+            if fit["s_min"]:
+                ax.axhline(fit["s_min"], color="C1", alpha=0.4, ls=":", label=f"S_min = {fit['s_min']:.3g}")
         if fit and key == "examples":
-            ax.plot(grid, fit["e_min"] * (1 + grid / fit["b_crit"]), color="C1", label="E = E_min(1 + B/B_crit)")
-            ax.axhline(fit["e_min"], color="C1", alpha=0.4, ls=":", label=f"E_min = {fit['e_min']:.3g}")
+            s_min, b_crit = _curve(fit)
+            ax.plot(grid, s_min * (b_crit + grid), color="C1", label="E = E_min(1 + B/B_crit)" + shown)
+            if fit["e_min"]:
+                ax.axhline(fit["e_min"], color="C1", alpha=0.4, ls=":", label=f"E_min = {fit['e_min']:.3g}")
         if key == "time" and s.get("wallclock_knee"):
             ax.axvline(s["wallclock_knee"], color="C4", ls="-.", label=f"wall-clock knee B = {s['wallclock_knee']:g}")
         _vlines(ax, s)
@@ -92,7 +102,7 @@ def _prediction_figure(rep: Report, s: dict) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*zip(*traj), "o-", color="C2", label=f"B_simple during the run at B = {pred['batch_size']}")
-    if fit:
+    if fit and fit.get("b_crit"):
         ax.axhline(fit["b_crit"], color="C3", ls="--", label="B_crit fitted from the trials")
         ci = (fit.get("ci") or {}).get("b_crit")
         if ci:
@@ -132,28 +142,33 @@ def study_report(s: dict, records: list[dict]) -> Report:
     """The report of a finished (or resumed and finished) study."""
     rep = Report(f"hasten study batch-size: {s['task']}")
     fit, pred = s.get("fit"), s.get("prediction") or {}
-    if fit:
+    if fit and fit.get("b_crit"):
         ci = (fit.get("ci") or {}).get("b_crit")
         span = f" (95% interval {ci[0]:.3g} to {ci[1]:.3g})" if ci else ""
         rep.text(f"Critical batch B_crit = {fit['b_crit']:.4g}{span}; S_min = {fit['s_min']:.4g} steps, "
                  f"E_min = {fit['e_min']:.4g} examples", cls="big")
+    elif fit:  # not identified: the reason instead of a number (hasten.study.fit)
+        rep.text(fit["reason"], cls="big")
     rep.text(f"Goal: {' and '.join(s['goals'])}. Steps to result at a batch size = the first step at which any "
              "of its tuned trials reached the goal (Shallue et al. 2018). Training seconds exclude evaluation; "
              "trials ran in parallel, so they share the machine.", cls="note")
     for note in s.get("notes", []):
-        rep.text(f"Note: {note}", cls="note")
+        if not fit or note != fit.get("reason"):  # the unidentified B_crit's reason is shown above
+            rep.text(f"Note: {note}", cls="note")
     target = [r for r in records if r["kind"] == "target"]
     _scaling_figures(rep, s, target)
     rep.heading("Steps to result per batch size")
     rep.table([{"batch size": r["batch_size"], "seed": r["seed"], "best lr": r["lr"], "momentum": r["momentum"],
                 "steps": r["steps"], "fitted steps": r.get("fitted_steps"), "examples": r["examples"],
-                "train s": r["time"], "reached": r["reached"], "regime": r.get("regime", "")} for r in s["per_batch"]])
+                "train s": r["time"], "reached": r["reached"], "regime": r.get("regime") or ""}
+               for r in s["per_batch"]])
     if s.get("wallclock_knee"):
         rep.text(f"Wall-clock time to the goal stops improving (by more than 5%) beyond B = {s['wallclock_knee']:g} "
                  "on this machine.")
     if pred:
         rep.heading("One-run prediction: B_simple beside B_crit (McCandlish et al. 2018, Table 1)")
-        rep.table([{"task": s["task"], "B_crit": fit and fit["b_crit"], "B_simple at goal": pred["b_simple_at_target"],
+        b_crit = fit and (fit["b_crit"] or "not identified")
+        rep.table([{"task": s["task"], "B_crit": b_crit, "B_simple at goal": pred["b_simple_at_target"],
                     "B_simple 95% interval (goal)": _interval(pred),
                     "B_simple mean over run": pred["b_simple_mean"],
                     "B_crit / B_simple (goal)": pred.get("ratio_at_target"),

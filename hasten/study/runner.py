@@ -235,13 +235,16 @@ def print_summary(s: dict) -> None:
         print(f"{row['batch_size']:>5}  {row['lr'] or 0:<7.4g}  {steps!s:>5}  {row['examples'] or '-'!s:>8}  "
               f"{time_s:>6}  {row.get('regime') or ''}")
     fit = s.get("fit")
-    if fit:
+    if fit and not fit.get("b_crit"):
+        print(fit["reason"])  # not identified: the reason, and no number
+    elif fit:
         ci = fit.get("ci") or {}
         interval = f" (95% {ci['b_crit'][0]:.4g} to {ci['b_crit'][1]:.4g})" if "b_crit" in ci else ""
         print(f"critical batch B_crit = {fit['b_crit']:.4g}{interval}; S_min = {fit['s_min']:.4g} steps, "
               f"E_min = {fit['e_min']:.4g} examples")
     for line in s.get("notes", []):
-        print(f"note: {line}")
+        if not fit or line != fit.get("reason"):
+            print(f"note: {line}")
     pred = s.get("prediction") or {}
     if pred.get("b_simple_at_target") is not None:
         print(f"one-run prediction: B_simple = {pred['b_simple_at_target']:.4g} at the goal, "

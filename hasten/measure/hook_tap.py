@@ -70,19 +70,24 @@ def uncovered_parameters(model: nn.Module) -> list[str]:
 
 
 def _param_uses(roots) -> dict[int, int]:
-    """How many edges of the autograd graph reachable from ``roots`` lead into each leaf parameter (by id)."""
-    uses, seen, stack = {}, set(), list(roots)
+    """How many uses of each leaf parameter (by id) the autograd graph reachable from ``roots`` holds: the edges
+    into its AccumulateGrad node, counting through the one low-precision copy that autocast caches per forward."""
+    into, seen = {}, set(roots)  # node -> edges leading into it; each node's edges are walked once
+    stack = list(seen)
     while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
+        for child, _ in stack.pop().next_functions:
             if child is not None:
-                var = getattr(child, "variable", None)  # AccumulateGrad: the leaf it accumulates into
-                if var is not None:
-                    uses[id(var)] = uses.get(id(var), 0) + 1
-                stack.append(child)
+                into[child] = into.get(child, 0) + 1
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+    uses = {}
+    for node, n in into.items():
+        var = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if var is None and node.name() == "ToCopyBackward0" and len(node.next_functions) == 1:
+            var, n = getattr(node.next_functions[0][0], "variable", None), n - 1  # an autocast copy of a leaf
+        if var is not None:
+            uses[id(var)] = uses.get(id(var), 0) + n
     return uses
 
 

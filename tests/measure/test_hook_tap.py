@@ -241,6 +241,8 @@ class Extra(nn.Module):
             return F.linear(self.lin(h), self.emb.weight)[:, -1]
         if self.kind == "weight_only":
             return F.linear(h, self.lin.weight)[:, -1]
+        if self.kind == "linear_reuse":  # under autocast both uses share one cached bf16 copy of the weight
+            return F.linear(self.lin(h), self.lin.weight)[:, -1]
         return self.lin(h)[:, -1]
 
 
@@ -269,18 +271,38 @@ def test_tied_weights_are_refused():
 @pytest.mark.parametrize("kind, match, at_step", [
     ("twice", "'lin' ran twice in one backward", True),
     ("tied_functional", "'emb.weight' enters one forward's graph 2 times", False),
+    ("linear_reuse", "'lin.weight' enters one forward's graph 2 times", False),
     ("weight_only", "without its forward running", True),
 ])
-def test_weight_sharing_is_refused_not_measured_wrong(kind, match, at_step):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_weight_sharing_is_refused_not_measured_wrong(kind, match, at_step, autocast):
     model = Extra(kind)
     tap = PerExampleTap(model)
     if kind == "twice":
         tap._graph_checked = True  # the backward-time check on its own (the graph check would fire first)
     ids, y = torch.randint(0, 5, (6, 3), generator=gen(5)), torch.randint(0, 4, (6,), generator=gen(6))
     with pytest.raises(HastenError, match=match):
-        F.cross_entropy(model(ids), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids)
+        F.cross_entropy(out.float(), y).backward()
         tap.step()
     assert not at_step or tap.steps == 1
+
+
+def test_outputs_that_share_a_graph_are_not_mistaken_for_sharing():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return {"hidden": h, "logits": self.b(h), "again": h * 2}
+
+    model, x = Both(), torch.randn(6, 4, generator=gen(8))
+    tap = PerExampleTap(model)
+    F.cross_entropy(model(x)["logits"], torch.arange(6) % 3).backward()
+    assert tap.step()
 
 
 def test_a_layer_without_the_batch_dimension_is_refused():

@@ -39,7 +39,8 @@ def run_noise_scale(task_name: str, overrides: list[str]):
     """Train while measuring; print B_simple with its uncertainty; write report.html (rank 0 only)."""
     from hasten.train import fit
 
-    cfg, task = _prepare(task_name, overrides, "noise")
+    # Measuring is the point here: every step (noise_every) unless the command gives noise_budget=.
+    cfg, task = _prepare(task_name, ["noise_budget=0", *overrides], "noise")
     if cfg.noise == "off":
         raise HastenError("noise=off measures nothing: use noise=micro, per_example or ddp (or `hasten train`)")
     result = fit(task, cfg, run_dir=cfg.run_dir)
@@ -64,12 +65,11 @@ def _write_report(command: str, cfg: TrainConfig, task, result) -> Path:
     """summary.json and report.html in the run directory, from the result and metrics.jsonl."""
     from hasten.report.html import read_jsonl
     from hasten.report.noise import noise_report
-    from hasten.train.noise_callback import noise_source
 
     est, run_dir = result.noise, Path(result.run_dir)
     summary = {"task": cfg.task, "model": cfg.model or next(iter(task.models)), "batch_size": cfg.batch_size,
                "batch schedule": cfg.batch, "micro_batch_size": result.micro_batch_size,
-               "noise source": noise_source(cfg.noise, world_size()),
+               "noise source": result.noise_source,
                "processes": world_size(), "steps": result.steps, "examples": result.examples}
     if est is not None:
         summary.update({k: getattr(est, k) for k in ("b_simple", "b_simple_lo", "b_simple_hi", "measurable",

@@ -91,6 +91,7 @@ class MicroBatchTap:
         self._device = self._params[0].device if len(devices) > 1 else None  # gather here if spread out
         self._norm_dtype = torch.float32 if any(p.dtype in _LOW_PRECISION for p in self._params) else None
         self._norms: list[torch.Tensor] = []  # one per (backward, parameter): that backward's own gradient norm
+        self._backwards: list[int] = []  # which backward (0, 1, ...) each of those norms is from
         self._counts = [0] * len(self._params)  # gradients each parameter received since the last step
         self._scales: dict[int, torch.Tensor | None] = {}  # preconditioner per parameter, read once per step
         if every < 1:
@@ -114,6 +115,7 @@ class MicroBatchTap:
 
     def _make_hook(self, index: int, param: torch.Tensor):
         norms, counts, active, norm = self._norms, self._counts, self._active, torch.linalg.vector_norm
+        backwards = self._backwards
         dtype = torch.float32 if param.dtype in _LOW_PRECISION else None
         reads = 1 if self.small == "first" else None  # backwards read per step (None = all)
         if self._precondition is None:
@@ -122,6 +124,7 @@ class MicroBatchTap:
                 if active[0]:
                     if reads is None or counts[index] < reads:
                         norms.append(norm(grad.coalesce().values() if grad.is_sparse else grad, dtype=dtype))
+                        backwards.append(counts[index])
                     counts[index] += 1
 
         else:
@@ -131,6 +134,7 @@ class MicroBatchTap:
                     if reads is None or counts[index] < reads:
                         scale = self._scale(index)
                         norms.append(norm((grad.to_dense() if grad.is_sparse else grad) * scale, dtype=dtype))
+                        backwards.append(counts[index])
                     counts[index] += 1
 
         return hook
@@ -139,6 +143,7 @@ class MicroBatchTap:
         """Forget the gradients read since the last :meth:`step` (e.g. extra backwards that are not micro-batches
         of the next step, such as SAM's second pass): call before the next step's first backward."""
         self._norms.clear()
+        self._backwards.clear()
         self._counts[:] = [0] * len(self._counts)
         self._scales = {}
 
@@ -155,6 +160,7 @@ class MicroBatchTap:
         loss_scale: float = 1.0,
         accumulation_steps: int | None = None,
         micro_batch_sizes=None,
+        micro_batch_weights=None,
     ) -> bool:
         """Measure the micro-batches since the last call; call after the last backward, before clipping.
 
@@ -163,13 +169,19 @@ class MicroBatchTap:
             loss_scale: the factor the loss was multiplied by before backward (AMP: ``scaler.get_scale()``).
             accumulation_steps: what each micro-batch loss was divided by (default: the number of backward passes
                 counted since the last call; pass 1 if the losses were not divided).
-            micro_batch_sizes: the micro-batch sizes, if known; the step is skipped when they differ.
+            micro_batch_sizes: the micro-batch sizes, if known; the step is skipped when they differ, unless
+                ``micro_batch_weights`` are given too.
+            micro_batch_weights: the factor each micro-batch's *mean* loss was multiplied by before backward, in
+                place of ``accumulation_steps`` (hasten's loop: the micro-batch's share of the batch's examples, or
+                of its loss terms for a token-mean loss). Then micro-batches of unequal sizes are measured too:
+                micro-batch j's mean gradient is its backward's gradient divided by its weight, ``.grad`` is the
+                batch's, and B_small is the harmonic mean of the sizes read (E|g_j|² = |G|² + tr Σ/b_j, averaged).
 
         Returns whether the step was measured: False (no error) with fewer than two backwards, unequal micro-batches,
         or an optimizer without state yet when preconditioning; also False for non-finite norms, which the
         estimator counts as skipped steps.
         """
-        norms, k, scales = self._norms[:], max(self._counts), self._scales
+        norms, k, scales, read = self._norms[:], max(self._counts), self._scales, self._backwards[:]
         self.discard()
         self.steps += 1
         if not loss_scale > 0:
@@ -178,9 +190,11 @@ class MicroBatchTap:
             sizes = [int(s) for s in micro_batch_sizes]
             if sum(sizes) != batch_size:
                 raise HastenError(f"micro_batch_sizes sum to {sum(sizes)}, not batch_size={batch_size}")
-            if len(sizes) != k or len(set(sizes)) != 1:
+            if len(sizes) != k or (micro_batch_weights is None and len(set(sizes)) != 1):
                 return False
-        if k < 2 or not norms or batch_size % k:
+        elif micro_batch_weights is not None:
+            raise HastenError("micro_batch_weights needs micro_batch_sizes too")
+        if k < 2 or not norms or (micro_batch_weights is None and batch_size % k):
             return False
         grads = []
         for i, p in enumerate(self._params):
@@ -196,6 +210,13 @@ class MicroBatchTap:
         values = self._host_values([*norms, *big])  # the one host sync; squares summed there, in double
         sq_micro = sum(v * v for v in values[: len(norms)])
         sq_accumulated = sum(v * v for v in values[len(norms) :])
+        if micro_batch_weights is not None:
+            weights, unscale = [float(w) for w in micro_batch_weights], 1.0 / (loss_scale * loss_scale)
+            sq_micro = sum((v / weights[j]) ** 2 for v, j in zip(values[: len(norms)], read))
+            measured = sorted(set(read))
+            b_small = len(measured) / sum(1.0 / sizes[j] for j in measured)
+            return self.noise.update(sq_small=sq_micro / len(measured) * unscale, b_small=b_small,
+                                     sq_big=sq_accumulated * unscale, b_big=batch_size)
         divisor = accumulation_steps if accumulation_steps is not None else k
         measured = 1 if self.small == "first" else k
         sq_small, sq_big = micro_batch_pair(sq_micro, sq_accumulated, k, divisor, loss_scale, measured)

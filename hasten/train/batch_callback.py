@@ -50,7 +50,7 @@ def schedule_from_config(cfg, train_size: int, multiple: int = 1) -> tuple[objec
         return plan, warmup(constant(), w)
     if cfg.batch == "adaptive":
         if cfg.noise == "off":
-            raise HastenError("batch=adaptive follows the noise scale: set noise=micro or noise=per_example")
+            raise HastenError("batch=adaptive follows the noise scale: set noise=auto (or hooks, micro, per_example)")
         momentum = cfg.momentum if cfg.optimizer == "sgd" else None
         plan = adaptive(base, cfg.batch_min or base, biggest, rule=cfg.batch_rule, scale=cfg.batch_scale,
                         ref_batch=base, gain=cfg.batch_gain, lr_rule=cfg.batch_lr_rule, multiple=multiple,
@@ -99,6 +99,9 @@ class BatchScheduleCallback(Callback):
 
     def on_fit_start(self, state: LoopState) -> None:
         cfg, self.multiple = state.cfg, (state.micro_batch_size or 1) * world_size()
+        if cfg.batch == "adaptive" and state.noise_bias:
+            raise HastenError(f"batch=adaptive follows the noise scale, which is biased here ({state.noise_bias}): "
+                              "drop that method, or use batch=fixed or increase")
         if self.schedule is None:
             self.schedule, self.lr_schedule = schedule_from_config(cfg, state.train_size, self.multiple)
         self.lr_schedule = self.lr_schedule or make_schedule(cfg.schedule, cfg.steps, cfg.warmup)

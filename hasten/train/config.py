@@ -11,8 +11,8 @@ class TrainConfig:
     data: str = ""  # data location for tasks that read files ("" = the task's default location)
     steps: int = 1000  # optimizer steps to train
     batch_size: int = 128  # global batch size (examples per optimizer step)
-    micro_batch_size: int = 0  # examples per backward pass; must divide batch_size. 0 = whole batch (with
-    #   noise=micro: the largest divisor of batch_size that is at most batch_size/4, so the meter gets >= 4 of them)
+    micro_batch_size: int = 0  # examples per backward pass; must divide batch_size. 0 = the whole batch (the
+    #   micro noise source splits the steps it measures into 4 micro-batches, or this size if smaller)
     lr: float = 0.1  # peak learning rate
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9  # SGD momentum (Adam: beta1)
@@ -35,9 +35,14 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between atomic checkpoints (0 = only at the end)
     keep_checkpoints: bool = False  # also keep a copy of every checkpoint (with its LR) for `hasten influence`
     seed: int = 0  # seeds model init, data order and every random draw
-    noise: str = "micro"  # noise-scale source: micro (micro-batches; torchrun: ddp) | per_example | ddp | off
+    noise: str = "auto"  # noise-scale source: auto (torchrun: ddp; else hooks if they cover the model, else micro)
+    #   | hooks (per-example norms from layer hooks) | micro (micro-batches) | per_example (torch.func) | ddp | off
     noise_horizon: float = 0.0  # EMA horizon in examples for the noise scale; 0 = auto (a fifth of the run's examples); -1 = running mean over the whole run
-    noise_every: int = 1  # measure one step in this many (micro, ddp): less overhead, same mean, more variance
+    noise_every: int = 1  # measure one step in this many (the first is step noise_every): less overhead, same
+    #   mean, more variance. With noise_budget: the fewest steps between measurements
+    noise_budget: float = 0.03  # the meter times itself and measures one step in N so that it takes at most about
+    #   this share of the training time (0 = exactly one step in noise_every). 0.03 keeps the default run within
+    #   1.05x of a loop without the meter with room for timing noise (BENCHMARKS.md, bench_meter_cost.py)
     noise_small: str = "first"  # micro: read the first micro-batch's gradient (first) or every one's (all)
     precondition: bool = False  # measure Adam-preconditioned gradients g/(sqrt(v_hat)+eps) instead of raw
     run_dir: str = ""  # where metrics, checkpoints and the report go ("" = runs/<task>-<seed>)
@@ -47,6 +52,8 @@ class TrainConfig:
     #   one); the batches are the same for any number
     pin_memory: bool = True  # with data_workers on CUDA: batches in page-locked memory, copied asynchronously
     device: str = ""  # torch device to train on ("" = cuda if available, else cpu)
+    precision: str = "32"  # 32 | bf16 | fp16: torch.autocast of forward and loss (fp16 with a GradScaler; the
+    #   noise meter reads unscaled gradients; evaluation stays in float32)
     methods: str = ""  # speedup methods to compose, e.g. label_smoothing,ema:half_life=200 (`hasten methods`)
 
 

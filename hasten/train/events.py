@@ -9,9 +9,11 @@ The loop fires, in order::
 
 ``batch_ready`` fires once the batch is drawn: a callback may replace ``state.batch`` there (speedup methods:
 MixUp, resizing, selective backprop...). ``before_optimizer_step`` sees the accumulated gradient of the mean loss
-over the batch, unscaled and *before* clipping (Lightning's ``on_before_optimizer_step``); ``after_backward``
-fires after each micro-batch's backward, when ``.grad`` holds the sum of the micro-batches so far (each scaled by
-its share of the batch).
+over the batch, unscaled (after ``GradScaler.unscale_`` with precision=fp16) and *before* clipping (Lightning's
+``on_before_optimizer_step``); ``after_backward`` fires after each micro-batch's backward, when ``.grad`` holds the
+sum of the micro-batches so far (each scaled by its share of the batch, and by the loss scale with fp16);
+``state.last_backward`` is True at the step's last one. The noise-scale callback fires after every other callback
+(the loop moves it last): it sees the batch the methods made and measures at the last ``after_backward``.
 """
 from __future__ import annotations
 
@@ -73,6 +75,15 @@ class LoopState:
     train_set: Any = None  # the training dataset (SortaGrad reorders the first epoch)
     evaluate_now: bool = False  # a callback sets it at batch_end to have this step evaluated
     net: nn.Module | None = None  # what forwards run through: the DDP wrapper of ``model`` under torchrun, else model
+    # Reset every step. A method that makes this step's batch something other than a uniform sample of the training
+    # set (SortaGrad's ordered epoch, selective backprop) says so here at batch_ready: the noise meter skips the step.
+    skewed_batch: str = ""
+    split: int = 0  # split this step's backward into at least this many micro-batches (the micro noise meter)
+    last_backward: bool = False  # at after_backward: whether it is the step's last micro-batch
+    micro_batches: tuple = ((), ())  # this step's micro-batch sizes, and the factors their mean losses were scaled by
+    scaler: Any = None  # the torch.amp.GradScaler with precision=fp16, else None
+    shared: dict = field(default_factory=dict)  # per-rank numbers summed over the ranks with the step's loss
+    noise_bias: str = ""  # why methods bias the noise scale (their noise_bias), "" if none does: batch=adaptive refuses
 
 
 class Callback:

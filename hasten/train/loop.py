@@ -17,6 +17,7 @@ same thread count).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,7 +42,8 @@ from hasten.train.checkpoint import stale_temp_files, write_atomic
 from hasten.train.config import TrainConfig, default_run_dir
 from hasten.train.events import Callbacks, LoopState
 from hasten.train.logger import METRICS, RunLogger, Stopwatch, truncate_jsonl, write_json
-from hasten.train.noise_callback import NoiseScaleCallback, horizon_from_config, noise_source
+from hasten.train.noise_callback import NoiseScaleCallback, horizon_from_config, noise_source, resolve_source
+from hasten.train.noise_callback import split_size
 from hasten.train.data import Batches, load_data, ordered_batches
 from hasten.train.sampler import EpochSampler, shard
 from hasten.train.schedule import make_schedule
@@ -49,6 +51,7 @@ from hasten.train.schedule import make_schedule
 CHECKPOINT = "checkpoint-latest.pt"
 CHECKPOINTS_LOG = "checkpoints.jsonl"  # with keep_checkpoints: {step, path, lr} per kept copy (for TracIn)
 MAX_NONFINITE = 20  # consecutive non-finite steps before giving up
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision= → torch.autocast dtype
 EVAL_BATCH = 1024
 # Settings that may differ between a run and its resume: they do not change the training (device and threads
 # may change the last bits of the numbers).
@@ -69,6 +72,7 @@ class FitResult:
     run_dir: Path
     wall_time: float  # seconds, summed over resumed segments
     micro_batch_size: int  # examples per backward pass (0 = the whole batch)
+    noise_source: str = "off"  # the noise-scale source used (noise=auto resolved)
 
 
 def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir: str | Path | None = None,
@@ -77,13 +81,18 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, world = resolve_device(cfg.device), dist.world_size()
-    source = noise_source(cfg.noise, world)
-    micro = micro_batch_size(cfg, source)
+    noise_source(cfg.noise, world)  # a bad noise= or precision= fails before any work
+    amp = autocast_dtype(cfg.precision)
+    micro = cfg.micro_batch_size
+    check_micro(cfg.batch_size, micro)
     train, test = load_data(task, cfg.data or None)  # checked: map-style datasets of (input, target) pairs
     test = eval_subset(test, cfg.eval_examples)
     if cfg.batch_size > len(train):
         raise HastenError(f"batch_size={cfg.batch_size} is larger than {task.name}'s training set ({len(train)} "
                           f"examples): use batch_size <= {len(train)}")
+    if cfg.noise != "off" and cfg.batch_size < 2:
+        raise HastenError(f"noise={cfg.noise} compares the gradients of two batch sizes: it needs batch_size >= 2 "
+                          f"(got {cfg.batch_size}); set noise=off")
     if cfg.batch_size < world:
         raise HastenError(f"batch_size={cfg.batch_size} (the global batch) is smaller than the {world} processes: "
                           f"use batch_size >= {world}")
@@ -95,6 +104,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     methods = build_methods(cfg.methods, task, model)  # speedup methods (`hasten methods`), in stage order
     for method in methods:
         method.prepare_model(model)  # module swaps, before the optimizer and the checkpoint see the model
+    source, source_why = resolve_source(cfg.noise, model, world, cfg.precondition)  # auto: hooks or micro
     optimizer = make_optimizer(cfg, model.parameters())
     sampler = EpochSampler(len(train), cfg.seed)
     loader = Batches(train, sampler, device, rank=rank, world=world, workers=cfg.data_workers,
@@ -105,31 +115,43 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     ckpt = prepare_run_dir(run_dir, cfg, resume, clean=main)  # every rank reads the checkpoint
     callbacks = list(callbacks)
     if source != "off" and not any(isinstance(c, NoiseScaleCallback) for c in callbacks):
-        callbacks.insert(0, NoiseScaleCallback(source, horizon_from_config(cfg), cfg.precondition, cfg.noise_every,
-                                               cfg.noise_small))
+        callbacks.append(NoiseScaleCallback(source, horizon_from_config(cfg), cfg.precondition, cfg.noise_every,
+                                            cfg.noise_small, cfg.noise_budget))
     if cfg.batch != "fixed" and not any(isinstance(c, BatchScheduleCallback) for c in callbacks):
         callbacks.append(BatchScheduleCallback())  # sets batch size, LR and momentum at batch_start
-    callbacks = Callbacks([*callbacks, *methods])
+    meters = [c for c in callbacks if isinstance(c, NoiseScaleCallback)]  # last: they see the batch methods made
+    callbacks = Callbacks([*(c for c in callbacks if not isinstance(c, NoiseScaleCallback)), *methods, *meters])
     state = LoopState(model, optimizer, cfg, task, run_dir, device, len(train), cfg.batch_size, micro,
                       loss_fn=task.loss, train_set=train)
+    state.noise_bias = "; ".join(f"{getattr(c, 'name', '') or type(c).__name__} {c.noise_bias}"
+                                 for c in callbacks.callbacks if getattr(c, "noise_bias", ""))
+    state.scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None  # fp16: scale the loss
     state.net = net = dist.wrap(model)  # DDP with several processes: it copies rank 0's weights to every rank
     if world > 1:
         seed_everything(cfg.seed + rank)  # rank r draws its own dropout and augmentations (model init is shared)
     weight = 1.0  # this rank's loss weight, set each step (1 in one process)
 
-    def forward_backward(fire: bool = False) -> torch.Tensor:
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+
+    def forward_backward(fire: bool = False, scale: bool = False) -> torch.Tensor:
         """Forward and backward of ``state.batch`` in micro-batches: adds the gradient of the batch-mean loss to
-        ``.grad``; returns that loss. Also ``state.closure``, so a callback can redo it (SAM)."""
+        ``.grad`` (times the fp16 loss scale with ``scale``); returns that loss. Also ``state.closure``, so a callback
+        can redo it (SAM). Micro-batches of ``micro_batch_size``, or smaller on a step the noise meter splits."""
         inputs, targets = state.batch[:2]
-        total, micro = torch.zeros((), device=device), state.micro_batch_size or max(len(inputs), 1)
+        total, micro = torch.zeros((), device=device), split_size(len(inputs), state.micro_batch_size, state.split)
         chunks = list(zip(inputs.split(micro), targets.split(micro)))
+        shares = micro_batch_shares(state.loss_fn, inputs, [y for _, y in chunks])
+        state.micro_batches = ([len(x) for x, _ in chunks], shares)
         for i, (x, y) in enumerate(chunks):
             with dist.sync_if(net, last=i == len(chunks) - 1):  # DDP all-reduces on the last micro-batch only
-                # Each micro-batch's share of the rank's batch mean, times the rank's weight (1 in one process).
-                loss = state.loss_fn(net(x), y) * (len(x) / len(inputs) * weight) if len(x) else net(x).sum()
-                loss.backward()  # an empty shard (the last examples of an epoch) still joins the all-reduce
+                with autocast():
+                    # Each micro-batch's share of the rank's batch mean, times the rank's weight (1 in one process).
+                    loss = state.loss_fn(net(x), y) * (shares[i] * weight) if len(x) else net(x).sum()
+                # An empty shard (the last examples of an epoch) still joins the all-reduce.
+                (state.scaler.scale(loss) if scale else loss).backward()
             total += loss.detach()
             if fire:
+                state.last_backward = i == len(chunks) - 1
                 callbacks.fire("after_backward", state)
         return total
 
@@ -143,10 +165,13 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
         for key in SAVED_STATE:
             setattr(state, key, ckpt[key])
         last_eval, stopwatch = ckpt["last_eval"], Stopwatch(ckpt["time"])
+        if state.scaler is not None:
+            state.scaler.load_state_dict(ckpt["scaler"])
     if main:
         write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "task": task.name, "micro_batch_size": micro,
                                              "device": str(device), "train_size": len(train), "test_size": len(test),
                                              "world_size": world, "noise_source": source,
+                                             "noise_source_why": source_why, "noise_bias": state.noise_bias,
                                              "torch_version": torch.__version__})
 
     model.train()
@@ -159,6 +184,7 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             set_rng_state(dist.own_rng_state(ckpt))
         while state.step < cfg.steps and not state.should_stop:
             state.metrics = {"step": state.step + 1}  # the row logged for this step
+            state.skewed_batch, state.split = "", 0
             state.lr = cfg.lr * schedule(state.step)
             callbacks.fire("batch_start", state)  # may change state.batch_size / state.lr
             for group in optimizer.param_groups:
@@ -170,21 +196,25 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
             n = len(indices)  # examples drawn (methods may train on fewer, or on changed ones)
             weight = world * len(mine) / n  # DDP averages the ranks: mean_r(weight_r·mean_r) = the batch mean
             callbacks.fire("batch_ready", state)  # may replace state.batch
-            loss_sum = forward_backward(fire=True)
+            loss_sum = forward_backward(fire=True, scale=state.scaler is not None)
+            if state.scaler is not None:
+                state.scaler.unscale_(optimizer)  # the noise meter read its scaled gradients at after_backward
             callbacks.fire("before_optimizer_step", state)
 
-            state.loss = dist.all_reduce_sum(loss_sum).item() / world  # the global batch-mean loss
+            state.loss = reduce_loss(state, loss_sum) / world  # the global batch-mean loss
             finite = math.isfinite(state.loss)
             if finite and cfg.grad_clip > 0:
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
                 state.metrics["grad_norm"] = grad_norm
-                finite = math.isfinite(grad_norm)
+                finite = math.isfinite(grad_norm) or state.scaler is not None  # fp16 overflow: the scaler skips
             if finite:
-                optimizer.step()
+                state.scaler.step(optimizer) if state.scaler is not None else optimizer.step()
                 nonfinite_streak = 0
             else:
                 nonfinite_streak += 1
                 state.nonfinite_steps += 1
+            if state.scaler is not None:
+                state.scaler.update()  # lowers the scale after an overflow, raises it after a run of good steps
             optimizer.zero_grad(set_to_none=True)
             state.step, state.examples, state.epoch = state.step + 1, state.examples + n, sampler.epoch
             state.metrics.update({"step": state.step, "examples": state.examples, "epoch": state.epoch,
@@ -217,7 +247,30 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
 
     noise = callbacks.find(NoiseScaleCallback)
     return FitResult(last_eval, state.loss, state.step, state.examples, noise.estimate() if noise else None,
-                     run_dir, stopwatch(), state.micro_batch_size)
+                     run_dir, stopwatch(), state.micro_batch_size, noise.source if noise else "off")
+
+
+def micro_batch_shares(loss_fn, inputs: torch.Tensor, targets: list[torch.Tensor]) -> list:
+    """What each micro-batch's mean loss is multiplied by so that their sum is the batch's loss: its share of the
+    examples, or, for a loss that averages a varying number of terms per example (it has ``loss_fn.terms(targets)``,
+    e.g. a masked LM's masked tokens), its share of the terms (tensors, not read on the host)."""
+    terms = getattr(loss_fn, "terms", None)
+    if terms is None or len(targets) < 2:
+        return [len(y) / len(inputs) for y in targets]
+    counts = [terms(y).sum() for y in targets]
+    total = sum(counts)
+    return [c / total for c in counts]
+
+
+def reduce_loss(state: LoopState, loss_sum: torch.Tensor) -> float:
+    """The loss summed over the ranks, with callbacks' ``state.shared`` numbers summed in the same all-reduce."""
+    if not state.shared or dist.world_size() == 1:
+        return dist.all_reduce_sum(loss_sum).item()
+    keys = list(state.shared)
+    sums = dist.all_reduce_sum(torch.stack([loss_sum, *(loss_sum.new_tensor(float(state.shared[k])) for k in keys)]))
+    total, *rest = sums.tolist()
+    state.shared.update(zip(keys, rest))
+    return total
 
 
 @torch.no_grad()
@@ -267,6 +320,7 @@ def snapshot(state: LoopState, sampler: EpochSampler, callbacks: Callbacks, last
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "sampler": sampler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "callbacks": callbacks.state_dict(),
             "cfg": dataclasses.asdict(state.cfg), "last_eval": last_eval, "time": time,
+            "scaler": state.scaler.state_dict() if state.scaler is not None else None,
             **{k: getattr(state, k) for k in SAVED_STATE}}
 
 
@@ -308,19 +362,11 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, clean: bool =
     return None
 
 
-def micro_batch_size(cfg: TrainConfig, source: str | None = None) -> int:
-    """The micro-batch size to use (0 = the whole batch; per rank under DDP). With the noise ``source`` micro (by
-    default cfg.noise) and micro_batch_size=0 it is the largest divisor of batch_size that is at most batch_size/4:
-    at least 4 micro-batches give the meter its small batches at no extra compute."""
-    b, m, source = cfg.batch_size, cfg.micro_batch_size, source or noise_source(cfg.noise, 1)
-    check_micro(b, m)
-    if source == "micro":
-        if m == 0:
-            m = max(d for d in range(1, max(b // 4, 1) + 1) if b % d == 0)
-        if m >= b:
-            raise HastenError(f"noise=micro needs micro_batch_size < batch_size={b} (got {m}): set a smaller "
-                              "micro_batch_size, a batch_size of at least 2, or noise=per_example or noise=off")
-    return m
+def autocast_dtype(precision) -> torch.dtype | None:
+    """The torch.autocast dtype for ``precision`` (None = float32, no autocast)."""
+    if str(precision) not in PRECISIONS:
+        raise HastenError(f"precision={precision!r}: choose 32, bf16 or fp16")
+    return PRECISIONS[str(precision)]
 
 
 def check_micro(batch_size: int, micro: int) -> None:

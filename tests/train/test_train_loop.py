@@ -11,7 +11,7 @@ from train_tiny_task import tiny_config, tiny_task
 from hasten.errors import HastenError
 from hasten.train import EVENTS, Callback, fit, load_checkpoint
 from hasten.train.logger import read_jsonl
-from hasten.train.loop import micro_batch_size
+from hasten.train.noise_callback import split_size
 
 
 @pytest.fixture(autouse=True)
@@ -46,21 +46,18 @@ def test_accumulated_gradient_is_the_whole_batch_gradient(tmp_path, micro):
 
 
 def test_micro_batch_size_rules(tmp_path):
-    def micro(**kw):
-        return micro_batch_size(tiny_config(**kw))
-
-    assert micro(batch_size=128, noise="micro") == 32  # largest divisor <= B/4
-    assert micro(batch_size=30, noise="micro") == 6
-    assert micro(batch_size=7, noise="micro") == 1
-    assert micro(batch_size=2, noise="micro") == 1
-    assert micro(batch_size=30, micro_batch_size=10, noise="micro") == 10
-    assert micro(batch_size=30, noise="off") == 0
+    assert split_size(128, 0) == 128 and split_size(128, 16) == 16  # as configured (0 = the whole batch)
+    assert split_size(128, 0, 4) == 32 and split_size(128, 16, 4) == 16  # a measured step: at least 4 parts
+    assert split_size(13, 0, 4) == 4 and split_size(2, 0, 4) == 1  # a prime batch: 4+4+4+1, not 13 ones
+    assert split_size(99999999999, 0, 4) == 25000000000  # no divisor search
     with pytest.raises(HastenError, match="batch_size=97 is larger than tiny's training set"):
         fit(tiny_task(), tiny_config(batch_size=97), run_dir=tmp_path)
-    for bad in (dict(batch_size=30, micro_batch_size=7), dict(batch_size=1, noise="micro"),
-                dict(batch_size=8, micro_batch_size=8, noise="micro"), dict(noise="sometimes")):
+    with pytest.raises(HastenError, match="batch_size=99999999999 is larger"):
+        fit(tiny_task(), tiny_config(batch_size=99999999999), run_dir=tmp_path)
+    for bad in (dict(batch_size=30, micro_batch_size=7), dict(batch_size=1, noise="micro"), dict(noise="sometimes"),
+                dict(precision="16")):
         with pytest.raises(HastenError):
-            micro(**bad)
+            fit(tiny_task(), tiny_config(**bad), run_dir=tmp_path)
 
 
 def poisoned(nan_steps):
@@ -190,12 +187,13 @@ class StopAt(Callback):
 
 def test_callbacks_see_events_in_order_and_can_stop(tmp_path):
     rec = Recorder()
-    result = fit(tiny_task(), tiny_config(steps=10, micro_batch_size=8, eval_every=0), [rec, StopAt(2)],
-                 run_dir=tmp_path)
+    result = fit(tiny_task(), tiny_config(steps=10, micro_batch_size=8, eval_every=0, noise_every=100),
+                 [rec, StopAt(2)], run_dir=tmp_path)  # no step measured: 2 micro-batches each
     step = ["batch_start", "batch_ready", "after_backward", "after_backward", "before_optimizer_step", "batch_end"]
     assert rec.events == ["fit_start", *step, *step, "before_evaluate", "evaluate", "checkpoint", "fit_end"]
     assert result.steps == 2 and "eval/loss" in result.metrics
-    assert fit(tiny_task(), tiny_config(steps=10, micro_batch_size=8, eval_every=0), run_dir=tmp_path).steps == 2
+    assert fit(tiny_task(), tiny_config(steps=10, micro_batch_size=8, eval_every=0, noise_every=100),
+               run_dir=tmp_path).steps == 2
 
 
 def test_evaluating_and_checkpointing_draw_nothing_from_the_training_rng(tmp_path):

@@ -10,7 +10,7 @@ from hasten.errors import HastenError
 from hasten.measure.noise_scale import NoiseScale
 from hasten.train import Callback, NoiseScaleCallback, fit
 from hasten.train.logger import read_jsonl
-from hasten.train.noise_callback import horizon_from_config
+from hasten.train.noise_callback import horizon_from_config, split_size
 
 
 @pytest.fixture(autouse=True)
@@ -21,18 +21,20 @@ def keep_threads():
 
 
 class BruteForce(Callback):
-    """Feeds a reference NoiseScale with |G_small|² (mean over chunks of ``small`` examples, each gradient from its
-    own backward on a copy of the model; only the first chunk with ``first``, as the micro source reads) and |G_big|²
-    of the whole batch, at the parameters of each step."""
+    """Feeds a reference NoiseScale with |G_small|² (mean over chunks of ``small`` examples, or as the micro source
+    splits a measured step with ``parts``, each gradient from its own backward on a copy of the model; only the first
+    chunk with ``first``, as the micro source reads; B_small the harmonic mean of the sizes read) and |G_big|² of
+    the whole batch, at the parameters of the steps measured (one in ``every``, the first being step ``every``)."""
 
-    def __init__(self, small: int, horizon, first: bool = False, every: int = 1):
+    def __init__(self, small: int, horizon, first: bool = False, every: int = 1, parts: int = 0):
         self.small, self.horizon, self.first, self.every, self.ref = small, horizon, first, every, None
+        self.parts = parts
 
     def on_fit_start(self, state):
         self.ref = NoiseScale(horizon=self.horizon, dataset_size=state.train_size)
 
     def on_before_optimizer_step(self, state):
-        if state.step % self.every:
+        if (state.step + 1) % self.every:
             return
         x, y = state.batch
         model = copy.deepcopy(state.model)
@@ -42,9 +44,11 @@ class BruteForce(Callback):
             state.task.loss(model(xs), ys).backward()
             return sum((p.grad.double() ** 2).sum() for p in model.parameters()).item()
 
-        small = [sq_norm(a, b) for a, b in zip(x.split(self.small), y.split(self.small))]
-        small = small[:1] if self.first else small
-        self.ref.update(sum(small) / len(small), self.small, sq_norm(x, y), len(x))
+        size = split_size(len(x), self.small, self.parts)
+        chunks = list(zip(x.split(size), y.split(size)))[: 1 if self.first else None]
+        small = [sq_norm(a, b) for a, b in chunks]
+        b_small = len(chunks) / sum(1 / len(a) for a, _ in chunks)
+        self.ref.update(sum(small) / len(small), b_small, sq_norm(x, y), len(x))
 
 
 def close(estimate, reference, rel=1e-4):
@@ -74,13 +78,13 @@ def test_noise_every_and_small_keys_match_brute_force(tmp_path, source, micro, s
     check = BruteForce(small=micro or 1, horizon=None, first=small == "first" and source == "micro", every=3)
     result = fit(tiny_task(), cfg, [check], run_dir=tmp_path)
     close(result.noise, check.ref)
-    assert result.noise.n_steps == 5  # steps 0, 3, 6, 9, 12
+    assert result.noise.n_steps == 5  # steps 2, 5, 8, 11, 14 (0-based)
 
 
 def test_noise_every_resumes_in_phase(tmp_path):
     class Crash(Callback):
         def on_batch_end(self, state):
-            if state.step == 7:  # the last checkpoint is at step 4: 4 % 3 != 0, the phase must come back with it
+            if state.step == 7:  # the last checkpoint is after 4 steps: the phase of 3 must come back with it
                 raise KeyboardInterrupt
 
     cfg = tiny_config(steps=14, micro_batch_size=4, noise_every=3, noise_horizon=-1.0)
@@ -88,7 +92,7 @@ def test_noise_every_resumes_in_phase(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_task(), cfg, [Crash()], run_dir=tmp_path / "cut")
     resumed = fit(tiny_task(), cfg, run_dir=tmp_path / "cut")
-    assert resumed.noise == whole.noise and whole.noise.n_steps == 5
+    assert resumed.noise == whole.noise and whole.noise.n_steps == 4  # steps 2, 5, 8, 11 (0-based)
 
 
 def test_bad_noise_every_or_small_is_one_clear_error(tmp_path):
@@ -101,9 +105,9 @@ def test_bad_noise_every_or_small_is_one_clear_error(tmp_path):
 def test_ema_horizon_and_default_micro(tmp_path):
     cfg = tiny_config(steps=10, batch_size=16, noise="micro", noise_horizon=0.0)  # auto: a fifth of the examples
     assert horizon_from_config(cfg) == 10 * 16 / 5
-    check = BruteForce(small=4, horizon=horizon_from_config(cfg), first=True)  # micro_batch_size=0 -> 16/4
+    check = BruteForce(small=0, horizon=horizon_from_config(cfg), first=True, parts=4)  # measured steps: 16/4
     result = fit(tiny_task(), cfg, [check], run_dir=tmp_path)
-    assert result.micro_batch_size == 4
+    assert result.micro_batch_size == 0  # as configured: only the measured steps are split
     close(result.noise, check.ref)
 
 
@@ -149,3 +153,129 @@ def test_per_example_source_uses_the_loop_loss_with_mixup(tmp_path):
     cfg = tiny_config(steps=4, noise="per_example", noise_horizon=-1.0, methods="mixup")
     result = fit(tiny_task(loss=cross_entropy), cfg, run_dir=tmp_path)  # mixed (soft) targets need the loop's loss
     assert result.noise.n_steps == 4 and math.isfinite(result.noise.grad_sq)
+
+
+class CountBackwards(Callback):
+    """Backward passes through the model per step, counted by a tensor hook on the first layer's weight."""
+
+    def __init__(self):
+        self.per_step, self._n = [], 0
+
+    def on_fit_start(self, state):
+        def count(grad):
+            self._n += 1
+
+        next(state.model.parameters()).register_hook(count)
+
+    def on_batch_end(self, state):
+        self.per_step.append(self._n)
+        self._n = 0
+
+
+def test_only_measured_steps_are_split(tmp_path):
+    counts = {}
+    for noise in ("off", "micro"):
+        count = CountBackwards()
+        fit(tiny_task(), tiny_config(steps=12, noise=noise, noise_every=4), [count], run_dir=tmp_path / noise)
+        counts[noise] = count.per_step
+    assert counts["off"] == [1] * 12
+    assert counts["micro"] == [4 if (step + 1) % 4 == 0 else 1 for step in range(12)]  # steps 3, 7, 11 (0-based)
+
+
+def final_weights(run_dir):
+    from hasten.train import load_checkpoint
+
+    return load_checkpoint(run_dir / "checkpoint-latest.pt")["model"]
+
+
+@pytest.mark.parametrize("noise, every", [("micro", 100), ("hooks", 1)])
+def test_weights_equal_noise_off_when_the_meter_only_reads(tmp_path, noise, every):
+    """micro with no step measured, and hooks measuring every step, train exactly as noise=off."""
+    task = tiny_task(dropout=0.2)
+    off = fit(task, tiny_config(steps=12, noise="off"), run_dir=tmp_path / "off")
+    run = fit(task, tiny_config(steps=12, noise=noise, noise_every=every), run_dir=tmp_path / noise)
+    assert run.noise.n_steps == (0 if every > 12 else 12) and run.noise_source == noise
+    a, b = final_weights(tmp_path / "off"), final_weights(tmp_path / noise)
+    assert all(torch.equal(a[k], b[k]) for k in a) and off.loss == run.loss
+
+
+@pytest.mark.parametrize("small", ["first", "all"])
+def test_a_prime_batch_is_measured_in_unequal_micro_batches(tmp_path, small):
+    # 13 = 4 + 4 + 4 + 1; the epoch's last batch of 96 = 7·13 + 5 is 2 + 2 + 1: every step is measured.
+    cfg = tiny_config(steps=10, batch_size=13, noise="micro", noise_horizon=-1.0, noise_small=small)
+    check = BruteForce(small=0, horizon=None, first=small == "first", parts=4)
+    result = fit(tiny_task(), cfg, [check], run_dir=tmp_path)
+    close(result.noise, check.ref)
+    assert result.noise.n_steps == 10
+
+
+def test_noise_source_auto_picks_hooks_or_micro(tmp_path):
+    import json
+
+    from torch import nn
+
+    result = fit(tiny_task(), tiny_config(steps=3, noise="auto"), run_dir=tmp_path / "mlp")
+    config = json.loads((tmp_path / "mlp" / "config.json").read_text())
+    assert result.noise_source == config["noise_source"] == "hooks" and result.noise.n_steps == 3
+    task = tiny_task()
+    task.models["mlp"] = lambda: nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+    result = fit(task, tiny_config(steps=3, noise="auto"), run_dir=tmp_path / "bn")
+    config = json.loads((tmp_path / "bn" / "config.json").read_text())
+    assert result.noise_source == config["noise_source"] == "micro" and "BatchNorm" in config["noise_source_why"]
+    with pytest.raises(HastenError, match="BatchNorm"):
+        fit(task, tiny_config(steps=3, noise="hooks"), run_dir=tmp_path / "forced")
+
+
+class FakeClock(Callback):
+    """Stands in for the noise callback's clock: a plain step takes 1 s, a measured one 1 + ``cost`` s."""
+
+    def __init__(self, meter: NoiseScaleCallback, cost: float):
+        self.meter, self.cost, self.now = meter, cost, 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def on_batch_end(self, state):  # fires before the meter's batch_end: the loop puts the meter last
+        self.now += 1.0 + (self.cost if self.meter.measuring else 0.0)
+
+
+def budget_run(tmp_path, monkeypatch, cost=0.5, budget=0.1, callbacks=(), steps=60, name="run"):
+    import hasten.train.noise_callback as module
+
+    meter = NoiseScaleCallback("micro", None, budget=budget)
+    clock = FakeClock(meter, cost)
+    monkeypatch.setattr(module, "time", clock)
+    cfg = tiny_config(steps=steps, noise_budget=budget, checkpoint_every=10)
+    result = fit(tiny_task(), cfg, [clock, meter, *callbacks], run_dir=tmp_path / name)
+    return result, read_jsonl(tmp_path / name / "metrics.jsonl")
+
+
+def test_noise_budget_measures_one_step_in_cost_over_budget(tmp_path, monkeypatch):
+    result, rows = budget_run(tmp_path, monkeypatch, cost=0.5, budget=0.1)
+    every = [r["noise/every"] for r in rows]
+    assert every[0] == 4 and every[-1] == 5  # starts at 4; a measured step costs 0.5 of a plain one: 0.5/0.1 = 5
+    measured = [r["step"] for r in rows if r["noise/measured"]]
+    assert [b - a for a, b in zip(measured[-4:], measured[-3:])] == [5, 5, 5]
+    assert result.noise.n_steps == len(measured)
+    assert rows[-1]["noise/cost"] == pytest.approx(0.5)
+    overhead = 0.5 * len(measured[-6:]) / 30  # over the last 30 steps
+    assert overhead <= 0.1 + 1e-9
+
+
+def test_noise_budget_resumes_with_its_n_and_phase(tmp_path, monkeypatch):
+    class Crash(Callback):
+        def on_batch_end(self, state):
+            if state.step == 37:  # the last checkpoint is after 30 steps
+                raise KeyboardInterrupt
+
+    _, whole = budget_run(tmp_path, monkeypatch, name="whole")
+    with pytest.raises(KeyboardInterrupt):
+        budget_run(tmp_path, monkeypatch, callbacks=[Crash()], name="cut")
+    _, resumed = budget_run(tmp_path, monkeypatch, name="cut")
+    keys = ("step", "noise/every", "noise/measured", "noise/cost", "noise/b_simple")
+    assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in whole]
+
+
+def test_bad_noise_budget_is_one_clear_error(tmp_path):
+    with pytest.raises(HastenError, match="noise_budget=1.5"):
+        fit(tiny_task(), tiny_config(noise_budget=1.5), run_dir=tmp_path)

@@ -11,7 +11,7 @@ from hasten.report.schedule import changes_batch_or_measures, schedule_figure, s
 def test_batch_increase_run_plots_batch_lr_and_b_simple_from_its_metrics(tmp_path):
     n = torch.get_num_threads()
     args = ["train", "digits", "batch=increase", "schedule=step", "steps=40", "batch_size=16", "eval_every=0",
-            "checkpoint_every=0", "progress=false", "threads=1", f"run_dir={tmp_path}"]
+            "checkpoint_every=0", "progress=false", "threads=1", "noise_budget=0", f"run_dir={tmp_path}"]
     try:
         assert cli(args) == 0
     finally:

@@ -46,7 +46,7 @@ def tiny_task(dropout: float = 0.0, loss=None, n_train: int = 96) -> Task:
 
 def tiny_config(**overrides) -> TrainConfig:
     base = dict(task="tiny", steps=12, batch_size=16, lr=0.1, eval_every=4, checkpoint_every=4, noise="micro",
-                progress=False, threads=1, device="cpu")
+                noise_budget=0.0, progress=False, threads=1, device="cpu")  # budget 0: measured steps fixed
     return TrainConfig(**{**base, **overrides})
 
 

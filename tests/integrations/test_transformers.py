@@ -228,3 +228,38 @@ def _train_gpt2_without_accumulation(tmp_path, source="auto"):
                              save_strategy="no", disable_tqdm=True, use_cpu=True)
     Trainer(model=tiny_gpt2(), args=args, train_dataset=padded_sequences(),
             callbacks=[NoiseScaleCallback(source=source)]).train()
+
+
+class _Scaler:  # stands for accelerate's GradScaler under fp16: the loss was multiplied by its scale
+    def __init__(self, scale):
+        self.scale = scale
+
+    def get_scale(self):
+        return self.scale
+
+    def is_enabled(self):
+        return True
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_gradients_are_unscaled_by_the_grad_scaler(teacher, per_example):
+    from accelerate.state import GradientState
+
+    from hasten.integrations.transformers import _StepReader
+    from hasten.measure import PerExampleTap
+
+    dataset, state, _ = teacher
+    calls = []
+    for scale in (1.0, 1024.0):
+        model, noise = Teacher(), Recording()
+        model.load_state_dict(state)
+        tap = PerExampleTap(model, noise) if per_example else MicroBatchTap(model, noise)
+        reader = _StepReader(model, tap, _Scaler(scale))
+        k = 1 if per_example else 4
+        for j in range(k):  # what the Trainer does for one step: the last micro-batch is marked for gradient sync
+            GradientState()._set_sync_gradients(j == k - 1)
+            rows = dataset[j * 16 : (j + 1) * 16]
+            (model(**rows)["loss"] / k * scale).backward()
+        reader.step_if_missed()
+        calls.append(noise.calls)
+    assert len(calls[0]) == 1 and calls[1][0] == pytest.approx(calls[0][0], rel=1e-5)

@@ -6,8 +6,10 @@ When is the goal reached (Shallue et al. 2018: steps to result)?
   c, ±h(c) steps with h(c) = min(⌈smooth_examples/(2B)⌉, ⌊resolution·c⌋). A centred window has no lag, so the
   step is not biased by the smoothing (a trailing EMA would add about its horizon to every trial); the run goes
   on h(c) steps past c to see the window's right half. Horizon in examples: the same noise level at every B.
-- Test metric / test loss: evaluated on the whole test set at steps 1, 2, ... spaced by max(1, ⌊resolution·step⌋),
-  so the first step at which the goal holds is found within a fraction ``resolution`` of itself.
+- Test metric / test loss: the run's own evaluation (the loop's, asked for at steps 1, 2, ... spaced by
+  max(1, ⌊resolution·step⌋)), so the first step at which the goal holds is found within a fraction ``resolution``
+  of itself, and the goal is judged on what the run reports: its ``eval_examples`` subset of the test set, and the
+  weights its evaluation uses (the averaged ones with ``methods=ema``).
 
 Several goals: each one's first step is recorded; the trial is done at the latest of them. A window mean above 3×
 the first step's loss, or a non-finite loss, ends the trial as diverged. A trial that can no longer reach the goal
@@ -84,11 +86,24 @@ class TargetCallback(Callback):
         if self.status == "running" and any(g.name != "loss" and g.name not in self.reached for g in self.goals):
             if step >= self.next_eval:
                 self.next_eval = step + max(1, int(self.resolution * step))
-                self._evaluate(state, step)
+                state.evaluate_now = True  # the loop evaluates after batch_end: see on_evaluate
+        self._settle(state)
+        if self.status == "running" and step % PRUNE_EVERY == 0 and self._beaten():
+            self.status, state.should_stop = "pruned", True
+
+    def on_evaluate(self, state: LoopState) -> None:
+        """Test goals, judged on the evaluation the loop just made (its test subset, its weights: EMA's average
+        when that method runs), whether this callback asked for it or not."""
+        values = {"eval_loss": state.metrics.get("eval/loss", math.nan),
+                  "metric": state.metrics.get(f"eval/{state.task.metric_name}", math.nan)}
+        for g in self.goals:
+            if self.status == "running" and g.name != "loss" and g.name not in self.reached and g.met(values[g.name]):
+                self.reached[g.name] = state.step
+        self._settle(state)
+
+    def _settle(self, state: LoopState) -> None:
         if self.status == "running" and len(self.reached) == len(self.goals):
             self.status = "reached"
-        if self.status == "running" and step % PRUNE_EVERY == 0 and self._beaten():
-            self.status = "pruned"
         state.should_stop = state.should_stop or self.status != "running"
 
     def _beaten(self) -> bool:
@@ -98,17 +113,6 @@ class TargetCallback(Callback):
         earliest = [self.next_center if g.name == "loss" else self.next_eval for g in self.goals
                     if g.name not in self.reached]  # the soonest each goal still to come can be met
         return bound is not None and max(earliest + list(self.reached.values())) > bound
-
-    def _evaluate(self, state: LoopState, step: int) -> None:
-        from hasten.train.loop import evaluate
-
-        _, test = state.task.load(state.cfg.data or None)  # cached by the task
-        metrics = evaluate(state.model, state.task, test)
-        state.metrics.update(metrics)  # logged in this step's row
-        values = {"eval_loss": metrics["eval/loss"], "metric": metrics[f"eval/{state.task.metric_name}"]}
-        for g in self.goals:
-            if g.name != "loss" and g.name not in self.reached and g.met(values[g.name]):
-                self.reached[g.name] = step
 
     def result(self) -> dict:
         """Step, examples and training seconds at the goal (None when it was not reached)."""

@@ -29,7 +29,9 @@ class StudyOptions:
 
     ``target``: goals joined by commas, all to be reached: ``loss:V`` (training loss averaged over about
     ``smooth_examples`` examples centred on the step, <= V), ``eval_loss:V`` (test loss <= V), ``metric:V`` or
-    ``<metric name>:V`` (test metric >= V). Test goals are evaluated every max(1, resolution·step) steps.
+    ``<metric name>:V`` (test metric >= V). Test goals are evaluated every max(1, resolution·step) steps, by the
+    run's own evaluation: on ``eval_examples`` test examples (0 = all), with the weights it evaluates (EMA's average
+    with ``methods=ema``).
     ``max_steps`` 0 budgets 3 × the task's steps × max(1, B0/B) steps at batch B (B0 = the task's batch_size).
     Trials use a constant LR (after any warmup) unless ``schedule=`` is given: a decaying schedule would tie the
     steps to the goal to the budget. A training-loss goal reached after the first epoch mixes in re-seen examples

@@ -93,8 +93,8 @@ def run_increase(seed: int, arm: str, lr: float, epochs: float, model: str, max_
     result = fit(get_task("fashion"), cfg, [BatchScheduleCallback(plan, constant())], run_dir=WORK / f"inc-{arm}",
                  resume=False)
     return {"arm": arm, "rule": rule, "seed": seed, "lr": lr, "max_batch": max_batch,
-            "accuracy": result.metrics["eval/accuracy"], "loss": result.metrics["eval/loss"], "steps": result.steps, "examples": result.examples,
-            "seconds": result.wall_time, "cpu_seconds": time.process_time() - cpu}
+            "accuracy": result.metrics["eval/accuracy"], "loss": result.metrics["eval/loss"], "steps": result.steps,
+            "examples": result.examples, "seconds": result.wall_time, "cpu_seconds": time.process_time() - cpu}
 
 
 def run_curve(seed: int, arm: str, epochs: float, every: int, model: str, lr: float = LR, size: int = BASE,

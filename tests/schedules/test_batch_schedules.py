@@ -1,4 +1,5 @@
-"""Batch schedules: equivalence with LR decay (the SGD noise g, exactly), monotonicity, bounds, hysteresis, resume, one-line errors."""
+"""Batch schedules: equivalence with LR decay (the SGD noise g, exactly), monotonicity, bounds, hysteresis, resume,
+one-line errors."""
 import dataclasses
 import doctest
 import math

@@ -1,6 +1,7 @@
 """`hasten train` and `hasten noise-scale`: configure, train (resumably), summarize, write the report.
 
-Under torchrun every rank trains; rank 0 alone prints and writes summary.json and report.html."""
+Under torchrun every rank trains; rank 0 alone prints and writes summary.json and report.html. The run directory
+is locked for the whole command (rank 0): a second command on it stops with one line."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ from hasten.errors import HastenError
 from hasten.measure.noise_scale import B_SIMPLE_PREDICTS, NOT_MEASURABLE
 from hasten.train.config import TrainConfig, default_run_dir, task_config
 from hasten.train.distributed import is_main, world_size
+from hasten.train.rundir import lock_run_dir
 
 
 def _prepare(task_name: str, overrides: list[str], kind: str) -> tuple[TrainConfig, object]:
@@ -28,10 +30,11 @@ def run_train(task_name: str, overrides: list[str]):
     from hasten.train import fit
 
     cfg, task = _prepare(task_name, overrides, "train")
-    result = fit(task, cfg, run_dir=cfg.run_dir)
-    if is_main():
-        _print_metrics(result)
-        _write_report("train", cfg, task, result)
+    with lock_run_dir(cfg.run_dir):  # held from training to the report (fit takes it again: re-entrant)
+        result = fit(task, cfg, run_dir=cfg.run_dir)
+        if is_main():
+            _print_metrics(result)
+            _write_report("train", cfg, task, result)
     return result
 
 
@@ -43,9 +46,14 @@ def run_noise_scale(task_name: str, overrides: list[str]):
     cfg, task = _prepare(task_name, ["noise_budget=0", *overrides], "noise")
     if cfg.noise == "off":
         raise HastenError("noise=off measures nothing: use noise=micro, per_example or ddp (or `hasten train`)")
-    result = fit(task, cfg, run_dir=cfg.run_dir)
-    if not is_main():
-        return result
+    with lock_run_dir(cfg.run_dir):  # held from training to the report
+        result = fit(task, cfg, run_dir=cfg.run_dir)
+        if is_main():
+            _report_noise(cfg, task, result)
+    return result
+
+
+def _report_noise(cfg: TrainConfig, task, result) -> None:
     est = result.noise
     _print_metrics(result)
     if est is None or not est.measurable:
@@ -58,7 +66,6 @@ def run_noise_scale(task_name: str, overrides: list[str]):
               f"{est.n_steps} steps, {est.n_skipped} skipped)")
         print(f"predicted critical batch size: of the order of {est.b_simple:.3g} examples. {B_SIMPLE_PREDICTS}")
     _write_report("noise-scale", cfg, task, result)
-    return result
 
 
 def _write_report(command: str, cfg: TrainConfig, task, result) -> Path:

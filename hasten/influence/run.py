@@ -54,8 +54,7 @@ def read_checkpoint_log(run_dir: Path) -> list[tuple[Path, float | None]]:
 def run_influence(task_name: str, overrides: list[str]) -> Path:
     """Compute self-influence (and a test example's proponents/opponents); write the report; return its path."""
     from hasten.config import apply_overrides
-    from hasten.influence.tracin import TracIn
-    from hasten.tasks import get_task
+    from hasten.train.rundir import lock_run_dir
 
     cfg = apply_overrides(InfluenceConfig(), overrides)
     if not cfg.run:
@@ -63,6 +62,14 @@ def run_influence(task_name: str, overrides: list[str]) -> Path:
     run_dir = Path(cfg.run)
     if not run_dir.is_dir():
         raise HastenError(f"run directory {run_dir} not found")
+    with lock_run_dir(run_dir):  # it writes beside the run's files: not while a run writes there
+        return _influence(task_name, cfg, run_dir)
+
+
+def _influence(task_name: str, cfg: InfluenceConfig, run_dir: Path) -> Path:
+    from hasten.influence.tracin import TracIn
+    from hasten.tasks import get_task
+
     checkpoints = read_checkpoint_log(run_dir)
     saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
     task = get_task(task_name)

@@ -81,6 +81,7 @@ def run_tradeoff(task_name: str, overrides: list[str]) -> dict:
     """Train the curves, print a table, write ``report.html`` and ``tradeoff.json``; return the results."""
     from hasten.config import apply_overrides
     from hasten.train.config import default_run_dir, task_config
+    from hasten.train.rundir import lock_run_dir
 
     mine, rest = split_overrides(overrides)
     tcfg = apply_overrides(TradeoffConfig(), mine)
@@ -94,31 +95,34 @@ def run_tradeoff(task_name: str, overrides: list[str]) -> dict:
     task = get_task(cfg.task)
     lengths = cycle_lengths(cfg.steps, tcfg.cycles, tcfg.t_mult)
     base_dir = Path(cfg.run_dir or default_run_dir(cfg, "tradeoff"))
-    metric = f"eval/{task.metric_name}"
-    combos = [""] + [c for c in cfg.methods.split(";") if c]  # several combinations: methods=a,b;c
-    curves = {}
-    for combo in combos:
-        label = combo or "baseline"
-        print(f"{label}: one cyclic run of {sum(lengths)} steps, cycles {lengths}")
-        curves[label] = curve(task, dataclasses.replace(cfg, methods=combo), lengths, base_dir / _slug(label))
-    separate = []
-    if tcfg.separate:
-        for end in cycle_ends(lengths):
-            print(f"baseline: separate cosine run of {end} steps")
-            separate.append(separate_run(task, dataclasses.replace(cfg, methods=""), end, base_dir / f"separate-{end}"))
-    result = {"task": cfg.task, "metric": metric, "lengths": lengths, "curves": curves, "separate": separate,
-              "cost_steps": {"one_run": sum(lengths), "separate_runs": sum(cycle_ends(lengths))},
-              "config": dataclasses.asdict(cfg), "tradeoff": dataclasses.asdict(tcfg), "environment": environment()}
-    if separate:
-        for key in ("seconds", "cpu_seconds"):
-            result[f"cost_{key}"] = {"one_run": curves["baseline"][-1][key],
-                                     "separate_runs": sum(p[key] for p in separate)}
-        result["max_gap"] = max(abs(a[metric] - b[metric]) for a, b in zip(curves["baseline"], separate))
-    base_dir.mkdir(parents=True, exist_ok=True)
-    (base_dir / "tradeoff.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    path = tradeoff_report(result, "cpu_seconds" if tcfg.clock == "cpu" else "seconds").write(base_dir / "report.html")
-    _print(result)
-    print(f"report: {path}")
+    with lock_run_dir(base_dir):  # the runs under it lock their own folders
+        metric = f"eval/{task.metric_name}"
+        combos = [""] + [c for c in cfg.methods.split(";") if c]  # several combinations: methods=a,b;c
+        curves = {}
+        for combo in combos:
+            label = combo or "baseline"
+            print(f"{label}: one cyclic run of {sum(lengths)} steps, cycles {lengths}")
+            curves[label] = curve(task, dataclasses.replace(cfg, methods=combo), lengths, base_dir / _slug(label))
+        separate = []
+        if tcfg.separate:
+            for end in cycle_ends(lengths):
+                print(f"baseline: separate cosine run of {end} steps")
+                baseline = dataclasses.replace(cfg, methods="")
+                separate.append(separate_run(task, baseline, end, base_dir / f"separate-{end}"))
+        result = {"task": cfg.task, "metric": metric, "lengths": lengths, "curves": curves, "separate": separate,
+                  "cost_steps": {"one_run": sum(lengths), "separate_runs": sum(cycle_ends(lengths))},
+                  "config": dataclasses.asdict(cfg), "tradeoff": dataclasses.asdict(tcfg),
+                  "environment": environment()}
+        if separate:
+            for key in ("seconds", "cpu_seconds"):
+                result[f"cost_{key}"] = {"one_run": curves["baseline"][-1][key],
+                                         "separate_runs": sum(p[key] for p in separate)}
+            result["max_gap"] = max(abs(a[metric] - b[metric]) for a, b in zip(curves["baseline"], separate))
+        (base_dir / "tradeoff.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        time_key = "cpu_seconds" if tcfg.clock == "cpu" else "seconds"
+        path = tradeoff_report(result, time_key).write(base_dir / "report.html")
+        _print(result)
+        print(f"report: {path}")
     return result
 
 

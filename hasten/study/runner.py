@@ -26,10 +26,11 @@ from pathlib import Path
 from hasten.errors import HastenError
 from hasten.study.options import StudyOptions, TrialSpec, geometric_grid, noise_spec, parse_target, plan_trials
 from hasten.study.options import scaled_lr, study_key, validate
-from hasten.study.trials import BOUNDS, RESULTS, ResultsLog, run_trial, study_lock, watch_parent
+from hasten.study.trials import BOUNDS, RESULTS, ResultsLog, run_trial, watch_parent
 from hasten.tasks import task_origin
 from hasten.train.checkpoint import write_atomic
 from hasten.train.config import TrainConfig
+from hasten.train.rundir import lock_run_dir
 
 
 def configure(task_name: str, overrides) -> tuple[StudyOptions, TrainConfig, object]:
@@ -92,7 +93,7 @@ def run_study(task_name: str, overrides) -> dict:
     specs = plan_trials(base, opts, goals, batch_sizes, len(train), study_dir)
     env = environment()
     started = time.perf_counter()
-    with study_lock(study_dir):
+    with lock_run_dir(study_dir):  # two studies writing the same trials would corrupt them
         log = ResultsLog(study_dir / RESULTS)
         print(f"study dir: {study_dir}")
         execute(specs, log, opts)

@@ -249,18 +249,3 @@ def clean(value):
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     return value
-
-
-@contextlib.contextmanager
-def study_lock(study_dir: Path):
-    """Hold ``study.lock``: two studies writing the same trials would corrupt them. Released when the process
-    dies, so a killed study never blocks its rerun."""
-    import fcntl
-
-    study_dir.mkdir(parents=True, exist_ok=True)
-    with open(study_dir / "study.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise HastenError(f"another study is running in {study_dir}: wait for it or use another run_dir") from None
-        yield

@@ -26,6 +26,10 @@ VERSION = 1
 _HEADER = struct.Struct("<8sI32sQ")
 
 
+class CorruptCheckpoint(HastenError):
+    """A checkpoint file that is truncated or whose checksum does not match."""
+
+
 def encode_checkpoint(payload: dict) -> bytes:
     """Header + ``torch.save`` bytes of ``payload``."""
     buffer = io.BytesIO()
@@ -63,12 +67,11 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Read a file written by :func:`save_checkpoint`; a truncated or altered file raises :class:`HastenError`."""
+    """Read a file written by :func:`save_checkpoint`; a truncated or altered file raises :class:`CorruptCheckpoint`
+    (a :class:`HastenError`)."""
     path = Path(path)
-    corrupt = HastenError(
-        f"checkpoint {path} is corrupt (truncated or checksum mismatch): delete it to start over, "
-        "or restore it from a copy"
-    )
+    corrupt = CorruptCheckpoint(f"checkpoint {path} is corrupt (truncated or checksum mismatch): restore it from a "
+                                "copy, or move it away")
     data = path.read_bytes()
     if len(data) < _HEADER.size:
         raise corrupt

@@ -68,11 +68,12 @@ class RunLogger:
     """Writes each step's row to JSONL and TensorBoard and advances the progress bar.
 
     Args:
-        run_dir: the run's folder (``metrics.jsonl`` is appended to; truncate it first when resuming).
-        total_steps, start_step: for the progress bar; when resuming (``start_step`` > 0) the TensorBoard files are
-            rebuilt from ``metrics.jsonl`` (already truncated to ``start_step``), so a killed run's replayed steps
-            are not duplicated. (TensorBoard's ``purge_step`` relies on event files sorting by name in time order,
-            which fails when two writers of one process open files in the same second.)
+        run_dir: the run's folder (``metrics.jsonl`` is appended to; truncate it first when resuming). A ``tb/``
+            already there is this run's (:func:`hasten.train.rundir.prepare_run_dir` checked): it is rebuilt from
+            ``metrics.jsonl`` (truncated to the step the run resumes from), so a killed run's replayed steps are not
+            duplicated. (TensorBoard's ``purge_step`` relies on event files sorting by name in time order, which
+            fails when two writers of one process open files in the same second.)
+        total_steps, start_step: for the progress bar.
         progress: show a rich progress bar (only when stdout is a terminal).
     """
 
@@ -83,10 +84,11 @@ class RunLogger:
         self._summary = Summary
         self.run_dir, self.total_steps = Path(run_dir), total_steps
         self.file = open(self.run_dir / METRICS, "a")
-        if start_step:
-            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+        rebuild = (self.run_dir / "tb").exists()
+        if rebuild:
+            shutil.rmtree(self.run_dir / "tb")
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        for row in read_jsonl(self.run_dir / METRICS) if start_step else ():
+        for row in read_jsonl(self.run_dir / METRICS) if rebuild else ():
             self._tensorboard(row)
         self.bar = self.console = None
         if progress and sys.stdout.isatty():

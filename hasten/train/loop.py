@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -37,26 +36,20 @@ from hasten.methods import build_methods
 from hasten.tasks.base import Task
 from hasten.train import distributed as dist
 from hasten.train.batch_callback import BatchScheduleCallback
-from hasten.train.checkpoint import encode_checkpoint, load_checkpoint, rng_state, set_rng_state
-from hasten.train.checkpoint import stale_temp_files, write_atomic
+from hasten.train.checkpoint import encode_checkpoint, rng_state, set_rng_state, write_atomic
 from hasten.train.config import TrainConfig, default_run_dir
 from hasten.train.events import Callbacks, LoopState
-from hasten.train.logger import METRICS, RunLogger, Stopwatch, truncate_jsonl, write_json
+from hasten.train.logger import RunLogger, Stopwatch, write_json
 from hasten.train.noise_callback import NoiseScaleCallback, horizon_from_config, noise_source, resolve_source
 from hasten.train.noise_callback import split_size
 from hasten.train.data import Batches, load_data, ordered_batches
+from hasten.train.rundir import CHECKPOINT, CHECKPOINTS_LOG, lock_run_dir, prepare_run_dir
 from hasten.train.sampler import EpochSampler, shard
 from hasten.train.schedule import make_schedule
 
-CHECKPOINT = "checkpoint-latest.pt"
-CHECKPOINTS_LOG = "checkpoints.jsonl"  # with keep_checkpoints: {step, path, lr} per kept copy (for TracIn)
 MAX_NONFINITE = 20  # consecutive non-finite steps before giving up
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision= → torch.autocast dtype
 EVAL_BATCH = 1024
-# Settings that may differ between a run and its resume: they do not change the training (device and threads
-# may change the last bits of the numbers).
-RESUMABLE_CHANGES = {"progress", "threads", "run_dir", "data", "device", "eval_every", "eval_examples",
-                     "checkpoint_every", "keep_checkpoints", "data_workers", "pin_memory"}
 # LoopState fields saved in a checkpoint and restored on resume.
 SAVED_STATE = ("step", "examples", "epoch", "batch_size", "micro_batch_size", "lr", "loss", "should_stop",
                "nonfinite_steps")
@@ -77,7 +70,14 @@ class FitResult:
 
 def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir: str | Path | None = None,
         resume: bool = True) -> FitResult:
-    """Train ``task``'s model under ``cfg``, resuming from ``run_dir``'s checkpoint when there is one."""
+    """Train ``task``'s model under ``cfg``, resuming from ``run_dir``'s checkpoint when there is one. The run
+    directory is locked while it runs (:mod:`hasten.train.rundir`): a second process there gets a one-line error."""
+    run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg))
+    with lock_run_dir(run_dir):
+        return _fit(task, cfg, callbacks, run_dir, resume)
+
+
+def _fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any], run_dir: Path, resume: bool) -> FitResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, world = resolve_device(cfg.device), dist.world_size()
@@ -110,9 +110,8 @@ def fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any] = (), *, run_dir:
     loader = Batches(train, sampler, device, rank=rank, world=world, workers=cfg.data_workers,
                      pin_memory=cfg.pin_memory)
 
-    run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg))  # touched only once the settings are valid
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = prepare_run_dir(run_dir, cfg, resume, clean=main)  # every rank reads the checkpoint
+    run_dir.mkdir(parents=True, exist_ok=True)  # rank 0's lock made it; other ranks may get here first
+    ckpt = prepare_run_dir(run_dir, cfg, resume, main)  # every rank reads the checkpoint
     callbacks = list(callbacks)
     if source != "off" and not any(isinstance(c, NoiseScaleCallback) for c in callbacks):
         callbacks.append(NoiseScaleCallback(source, horizon_from_config(cfg), cfg.precondition, cfg.noise_every,
@@ -333,33 +332,6 @@ def save(run_dir: Path, payload: dict, keep: bool) -> None:
         write_atomic(run_dir / name, data)
         with open(run_dir / CHECKPOINTS_LOG, "a") as f:
             f.write(json.dumps({"step": payload["step"], "path": name, "lr": payload["lr"]}) + "\n")
-
-
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, clean: bool = True) -> dict | None:
-    """The checkpoint to resume from (outputs after it are dropped), or None after clearing earlier outputs.
-    ``clean=False`` (ranks other than 0) only reads and checks: the same answer, nothing deleted."""
-    for tmp in stale_temp_files(run_dir) if clean else ():  # left by a write that was killed midway
-        tmp.unlink()
-    path = run_dir / CHECKPOINT
-    if resume and path.exists():
-        ckpt = load_checkpoint(path)
-        current = dataclasses.asdict(cfg)
-        changed = sorted(k for k in ckpt["cfg"].keys() & current.keys()
-                         if k not in RESUMABLE_CHANGES and ckpt["cfg"][k] != current[k])
-        if changed:
-            k = changed[0]
-            raise HastenError(f"{run_dir} holds a run with other settings ({k}={ckpt['cfg'][k]!r}, now "
-                              f"{current[k]!r}): use a new run_dir, or pass resume=False to start over there")
-        if clean:
-            truncate_jsonl(run_dir / METRICS, ckpt["step"])
-            truncate_jsonl(run_dir / CHECKPOINTS_LOG, ckpt["step"])
-        return ckpt
-    if not clean:
-        return None
-    for old in [path, run_dir / METRICS, run_dir / CHECKPOINTS_LOG, *run_dir.glob("checkpoint-step*.pt")]:
-        old.unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tb", ignore_errors=True)
-    return None
 
 
 def autocast_dtype(precision) -> torch.dtype | None:

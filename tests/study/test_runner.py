@@ -16,7 +16,6 @@ import torch
 from hasten.errors import HastenError
 from hasten.study import fit_critical_batch, run_study
 from hasten.study.options import geometric_grid, parse_target, scaled_lr
-from hasten.study.trials import study_lock
 from hasten.train.logger import read_jsonl
 
 
@@ -151,10 +150,17 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 
 def test_second_study_in_same_dir_is_refused(tmp_path):
-    with study_lock(tmp_path):
-        with pytest.raises(HastenError, match="another study is running"):
+    code = (f"import time\nfrom hasten.train.rundir import lock_run_dir\nwith lock_run_dir({str(tmp_path)!r}):\n"
+            "    print('held', flush=True)\n    time.sleep(120)")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)  # another study
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(HastenError, match=f"in use by another hasten process \\(PID {other.pid}\\)"):
             run_study("digits", ["target=loss:0.1", "batch_sizes=32,64", "lr_factors=1", "noise_run=false",
                                  "smith_le_epochs=0", f"run_dir={tmp_path}", "workers=1"])
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_grids_and_goals():

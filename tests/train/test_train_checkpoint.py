@@ -44,7 +44,7 @@ def test_corrupt_file_is_an_error(tmp_path, damage):
     else:
         raw[0] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(HastenError, match="is corrupt .*delete it to start over"):
+    with pytest.raises(HastenError, match="is corrupt .*restore it from a copy, or move it away"):
         load_checkpoint(path)
 
 

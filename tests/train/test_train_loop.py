@@ -164,8 +164,9 @@ def test_changed_settings_need_a_new_run_dir(tmp_path):
     with pytest.raises(HastenError, match="lr=0.1, now 0.2.*new run_dir"):
         fit(tiny_task(), tiny_config(steps=4, lr=0.2), run_dir=tmp_path)
     fit(tiny_task(), tiny_config(steps=4, eval_every=2, progress=True), run_dir=tmp_path)  # harmless changes
-    result = fit(tiny_task(), tiny_config(steps=3, lr=0.2), run_dir=tmp_path, resume=False)
-    assert result.steps == 3 and [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    with pytest.raises(HastenError, match="resume=False never overwrites one: use a new run_dir"):
+        fit(tiny_task(), tiny_config(steps=3, lr=0.2), run_dir=tmp_path, resume=False)  # refused, nothing deleted
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 class Recorder(Callback):

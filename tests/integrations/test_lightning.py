@@ -1,0 +1,238 @@
+"""The Lightning adapters against brute force: B_simple on a teacher problem whose per-example gradients are all
+enumerated, resume from a checkpoint, batch schedules, AMP loss scales, and the refusals."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from hasten.errors import HastenError  # noqa: E402
+from hasten.integrations.lightning import BatchSizeSchedule, NoiseScaleMonitor  # noqa: E402
+from hasten.schedules import increase_batch  # noqa: E402
+
+N, D, H = 2048, 8, 16  # examples, inputs, hidden units of the teacher/student MLP
+ROOT = Path(__file__).resolve().parents[2]
+
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread (the machine's cores are shared; two threads contend and run 10× slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def teacher(n: int = N):
+    """(X, y, student state): y from a random teacher MLP plus noise; the student is the teacher perturbed."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = mlp()
+    X = torch.randn(n, D, generator=g)
+    with torch.no_grad():
+        y = net(X).squeeze(-1) + 0.5 * torch.randn(n, generator=g)
+        for p in net.parameters():
+            p.add_(0.15 * torch.randn(p.shape, generator=g))
+    return X, y, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def student(n: int = N) -> nn.Module:
+    net = mlp()
+    net.load_state_dict(teacher(n)[2])
+    return net
+
+
+@functools.lru_cache(maxsize=None)
+def brute_force(n: int = N) -> tuple[float, float, float]:
+    """(B_simple, |G|², tr Σ) over the whole population, from every example's gradient (torch.func)."""
+    X, y, _ = teacher(n)
+    net = student(n)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p, x, t):
+        return ((functional_call(net, p, (x[None],)).squeeze(-1) - t[None]) ** 2).mean()
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, X, y)
+    flat = torch.cat([g.reshape(n, -1) for g in grads.values()], 1).double()
+    mean = flat.mean(0)
+    trace_cov = ((flat - mean) ** 2).sum().item() / (n - 1)
+    grad_sq = mean.square().sum().item()
+    return trace_cov / grad_sq, grad_sq, trace_cov
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, net: nn.Module, lr: float = 0.0, momentum: float = 0.0, optimizer=torch.optim.SGD):
+        super().__init__()
+        self.net, self.lr, self.momentum, self.optimizer = net, lr, momentum, optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.net(x).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def fit(callbacks, *, k: int = 4, batch: int = 64, steps: int = -1, epochs: int = -1, module=None, n: int = N,
+        seed: int = 0, ckpt_path=None, root=None, checkpoint=None, **trainer_args) -> pl.Trainer:
+    X, y, _ = teacher(n)
+    torch.manual_seed(seed)
+    loader = DataLoader(TensorDataset(X, y), batch_size=batch, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=epochs, accumulate_grad_batches=k,
+                         callbacks=[*callbacks, *([checkpoint] if checkpoint else [])], logger=False,
+                         enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root, **trainer_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module if module is not None else Regression(student(n)), loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def assert_close(est, tol_b: float, tol_parts: float) -> None:
+    b, grad_sq, trace_cov = brute_force()
+    assert est.b_simple == pytest.approx(b, rel=tol_b)
+    assert est.grad_sq == pytest.approx(grad_sq, rel=tol_parts)
+    assert est.trace_cov == pytest.approx(trace_cov, rel=tol_parts)
+
+
+@functools.lru_cache(maxsize=None)
+def micro_run():
+    """accumulate 4 × batch 64 at LR 0 with clipping on every step: 96 optimizer steps (12 epochs)."""
+    monitor = NoiseScaleMonitor(small="all")
+    trainer = fit([monitor], steps=96, gradient_clip_val=1e-3)
+    return monitor, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_micro_batches_match_brute_force_with_clipping():
+    # B_simple ≈ 15 here, |G| ≈ 0.26 ≫ the clip value: the meter reads the gradient before clipping. Simulated with
+    # this estimator, 96 steps land within ~2% (1 sd) of the truth; a wrong divisor shifts |G|² and tr Σ by k².
+    monitor, metrics = micro_run()
+    est = monitor.estimate
+    assert monitor.source_used == "micro" and est.n_steps == 96 and est.n_skipped == 0
+    assert_close(est, 0.10, 0.10)
+    assert metrics["noise/b_simple"] == pytest.approx(est.b_simple, rel=1e-6)
+    assert metrics["noise/b_simple_lo"] == pytest.approx(est.interval[0], rel=1e-6)
+    assert metrics["noise/b_simple_hi"] == pytest.approx(est.interval[1], rel=1e-6)
+    assert metrics["noise/grad_sq"] == pytest.approx(est.grad_sq, rel=1e-6)
+    assert metrics["noise/trace_cov"] == pytest.approx(est.trace_cov, rel=1e-6)
+
+
+def test_per_example_source_matches_brute_force():
+    # B_small = 1: tr Σ from every example of the step; 48 steps (6 epochs) of 4 × 64 land within ~0.5% (simulated).
+    monitor = NoiseScaleMonitor(source="per_example")
+    fit([monitor], steps=48)
+    assert monitor.source_used == "per_example" and monitor.estimate.n_steps == 48
+    assert_close(monitor.estimate, 0.05, 0.05)
+
+
+def test_auto_picks_per_example_without_accumulation():
+    monitor = NoiseScaleMonitor()
+    fit([monitor], k=1, steps=4)
+    assert monitor.source_used == "per_example" and monitor.estimate.n_steps == 4
+
+
+@pytest.mark.parametrize("n, measured_per_epoch", [(1920, 8), (1936, 7)])
+def test_short_last_step_of_an_epoch(n, measured_per_epoch):
+    # 1920 = 30 batches of 64: the epoch's last step has 2 micro-batches, each loss still divided by 4 (measured,
+    # with B_big = 128; a wrong divisor would put that step's |G|² and tr Σ 4× off). 1936: its last step has
+    # micro-batches of 64, 64 and 16, whose .grad is not the batch mean: skipped.
+    monitor = NoiseScaleMonitor(small="all")
+    fit([monitor], n=n, epochs=4)
+    assert monitor.estimate.n_steps == 4 * measured_per_epoch
+    if n == 1920:
+        b, grad_sq, trace_cov = brute_force(n)
+        est = monitor.estimate
+        assert est.grad_sq == pytest.approx(grad_sq, rel=0.05) and est.trace_cov == pytest.approx(trace_cov, rel=0.15)
+
+
+def test_interrupted_fit_resumes_the_same_estimate_and_schedule(tmp_path):
+    # LR > 0 (the parameters move), shuffle off so the data order does not depend on the RNG; the schedule doubles
+    # the batch (accumulation 2 → 4) after step 6, mid-epoch; the checkpoint falls at the end of epoch 2.
+    X, y, _ = teacher(512)
+
+    def run(epochs, ckpt_path=None, save=False):
+        monitor = NoiseScaleMonitor(small="all")
+        schedule = BatchSizeSchedule(increase_batch(64, milestones=(6 * 64,), factor=2, rule="approx"))
+        module = Regression(student(512), lr=0.02, momentum=0.9)
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True) if save else None
+        torch.manual_seed(0)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, accumulate_grad_batches=2,
+                             callbacks=[monitor, schedule, *([checkpoint] if checkpoint else [])], logger=False,
+                             enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, DataLoader(TensorDataset(X, y), batch_size=32), ckpt_path=ckpt_path)
+        return monitor, schedule, module
+
+    whole = run(4)
+    run(2, save=True)
+    resumed = run(4, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed[0].source_used == whole[0].source_used == "micro"
+    assert resumed[0].estimate.n_steps == whole[0].estimate.n_steps > 0
+    assert resumed[0].estimate.as_dict() == pytest.approx(whole[0].estimate.as_dict(), rel=1e-12, nan_ok=True)
+    assert resumed[1].history == whole[1].history and [h["step"] for h in whole[1].history] == [0, 6]
+    assert torch.equal(resumed[2].net[0].weight, whole[2].net[0].weight)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records each group's LR as its step runs (its super().step() nests the step hooks)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+class ScheduledRegression(Regression):
+    def configure_optimizers(self):
+        optimizer = RecordingSGD(self.parameters(), lr=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=3, gamma=0.5), "interval": "step"}}
+
+
+def test_increase_batch_changes_accumulation_at_the_planned_steps_and_scales_the_lr():
+    # Batch 32 per dataloader batch, 16 batches an epoch. Milestones at 4·32 and 4·32 + 3·64 examples: the batch
+    # doubles after step 4 (accumulation 1 → 2; index 4 is even), then hits max_batch=64 after step 7 and the LR is
+    # halved instead. The LR the optimizer uses is StepLR's value × the plan's multiplier.
+    schedule = BatchSizeSchedule(increase_batch(32, milestones=(128, 320), factor=2, max_batch=64, rule="approx"))
+    module = ScheduledRegression(student(512), lr=0.1)
+    trainer = fit([schedule], module=module, n=512, batch=32, k=1, steps=12)
+    assert [(h["step"], h["accumulate"], h["batch_size"]) for h in schedule.history] == [(0, 1, 32), (4, 2, 64)]
+    expected = [0.1 * 0.5 ** (step // 3) * (0.5 if step >= 7 else 1.0) for step in range(12)]
+    assert module.optimizers().optimizer.seen == pytest.approx(expected)
+    assert trainer.global_step == 12 and schedule.examples == 4 * 32 + 8 * 64
+    assert trainer.callback_metrics["batch/lr_mult"] == 0.5 and trainer.callback_metrics["batch/size"] == 64
+
+
+def test_a_change_waits_for_a_batch_index_that_is_a_multiple_of_the_new_accumulation():
+    # The plan asks for accumulation 4 from step 5 (index 5); Lightning would not zero the gradient at index 5 under
+    # 4, so the change waits for index 8 (step 8). The epoch (16 batches) then ends on a full step.
+    schedule = BatchSizeSchedule(increase_batch(32, milestones=(160,), factor=4, rule="approx"))
+    fit([schedule], n=512, batch=32, k=1, steps=10)
+    assert [(h["step"], h["accumulate"]) for h in schedule.history] == [(0, 1), (8, 4)]

@@ -94,10 +94,11 @@ class DDPNoiseState:
     def steps(self, value: int) -> None:
         self._steps, self.measuring = value, value % self.every == 0
 
-    def step(self, local_batch_size: int | None = None) -> bool:
+    def step(self, local_batch_size: int | None = None, *, loss_scale: float = 1.0) -> bool:
         """Feed this step's pair to ``noise``; call on every rank after backward, before ``optimizer.step()``.
 
-        ``local_batch_size`` (optional) is checked against the examples the forward pre-hook counted. Returns False
+        ``local_batch_size`` (optional) is checked against the examples the forward pre-hook counted.
+        ``loss_scale``: the factor the gradients carry (AMP: ``scaler.get_scale()``, before ``unscale_``). Returns False
         (no measurement, no error) with one rank, on the steps ``every`` skips, or when some rank's hook did not
         fire exactly once per bucket; non-finite norms are counted as skips by the estimator. Waits for nothing but
         DDP's own all-reduce.
@@ -118,7 +119,10 @@ class DDPNoiseState:
         if any_bad > 0:
             return False  # some rank's hook fired twice in a bucket, or its forwards saw no examples
         b_small = 1.0 / inv_b  # harmonic mean of the local batch sizes
-        return self.noise.update(sq_small=sq_small, b_small=b_small, sq_big=sum(values[_EXTRA:]),
+        if not loss_scale > 0:
+            raise HastenError(f"loss_scale must be positive, got {loss_scale}")
+        unscale = 1.0 / (loss_scale * loss_scale)
+        return self.noise.update(sq_small=sq_small * unscale, b_small=b_small, sq_big=sum(values[_EXTRA:]) * unscale,
                                  b_big=world * b_small)
 
     def discard(self) -> None:

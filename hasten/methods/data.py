@@ -74,6 +74,7 @@ class SortaGrad(Method):
         start, size = state.examples, len(state.batch[0])
         if start >= state.train_size:
             return
+        state.skewed_batch = "sortagrad: the first epoch's batches are runs of similar difficulty, not uniform draws"
         if getattr(self, "order", None) is None:  # by loss: scored here, after a resumed run restored its order
             self.order = sortagrad_order(self.difficulties(state))
         device = state.batch[0].device
@@ -230,3 +231,4 @@ class SelectiveBackprop(Method):
             losses = per_example_loss(state.loss_fn, state.model(x), y)
         index = select_by_loss(losses, self.keep, step_generator(state, "selective_backprop")).to(x.device)
         state.batch = (x[index], y[index], *(r[index] for r in rest))
+        state.skewed_batch = "selective_backprop: the batch is the examples chosen by loss, not uniform draws"

@@ -105,6 +105,11 @@ class LabelSmoothing(Method):
           effect="regularizes long runs; usually slower to converge in short runs (no speedup)")
 @dataclass
 class MixUp(Method):
+    """The noise meter measures the mixed batch, which is what the gradient is for: each mixed row is one loss term,
+    so per-example and micro-batch estimates hold (rows that share an example through the pairing are correlated, a
+    relative O(1/B) effect). λ is shared by the whole batch: its variation between steps is not 1/B noise, and is
+    left out, as it should be for the batch-size tradeoff."""
+
     alpha: float = 0.2  # λ ~ Beta(α, α)
 
     def applies_to(self, task, model):
@@ -130,6 +135,8 @@ class MixUp(Method):
           effect="regularizes long runs; usually slower to converge in short runs (no speedup)")
 @dataclass
 class CutMix(Method):
+    """The noise meter measures the pasted batch (what the gradient is for), as for :class:`MixUp`."""
+
     alpha: float = 1.0  # λ ~ Beta(α, α): the kept area before clipping
 
     def applies_to(self, task, model):

@@ -32,7 +32,14 @@ class Method:
     optimizer and loads a checkpoint, so new parameters are trained and restored. ``applies_to(task, model)``
     returns ``None`` or one line saying why the method cannot apply. ``state_dict()`` holds what a resumed run
     needs beyond the step (most methods derive everything from the step and the seed and hold nothing).
+
+    The noise meter measures the batch a step trains on, after every method's ``batch_ready``. A method that makes
+    that batch something other than a uniform sample of the training set (a subset chosen by loss, an ordered
+    epoch) sets ``state.skewed_batch`` to one line on those steps: the meter leaves them out. A method whose effect
+    the meter cannot follow sets ``noise_bias`` (why, one line): ``batch=adaptive`` then refuses to run with it.
     """
+
+    noise_bias = ""  # why the noise scale measured with this method is not the one its steps have ("" = it is)
 
     def applies_to(self, task: Any, model: nn.Module) -> str | None:
         return None

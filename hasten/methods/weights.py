@@ -36,6 +36,7 @@ def sam_perturbation(grads: Sequence[torch.Tensor], rho: float, eps: float = 1e-
           effect="flatter minima, better generalization at ~2× compute per step (interval>1 amortizes it)")
 @dataclass
 class SAM(Method):
+    noise_bias = "steps with the gradient at w + ε̂ while the noise meter reads the one at w"
     rho: float = 0.05  # radius of the neighbourhood
     interval: int = 1  # take a SAM step every `interval` steps (Composer); others are plain steps
 

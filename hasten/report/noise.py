@@ -93,6 +93,25 @@ def b_simple_trend(rows: list[dict]) -> str:
     return f"B_simple {b_dir} as the loss {loss_dir} over the second half of training {where}), {paper}."
 
 
+def meter_schedule(rows: list[dict]) -> str | None:
+    """One sentence on which steps the meter measured (``noise/measured``, ``noise/every``) and, under noise_budget,
+    its timed cost (``noise/cost``); None when the rows do not log them."""
+    logged = [r for r in rows if "noise/every" in r]
+    if not logged:
+        return None
+    measured = sum(1 for r in logged if r.get("noise/measured"))
+    every = [r["noise/every"] for r in logged]
+    n = f"N = {every[0]}" if min(every) == max(every) else f"N from {min(every)} to {max(every)}"
+    text = f"The meter measured {measured} of {len(logged)} steps (one in N, {n})"
+    costs = [r["noise/cost"] for r in logged if finite(r.get("noise/cost"))]
+    if costs:  # each measured step's extra time, as the meter estimated it then, over the steps
+        share = sum(r["noise/cost"] for r in logged if r.get("noise/measured") and finite(r.get("noise/cost")))
+        text += (f"; N follows noise_budget: by its own timing a measured step took {100 * costs[-1]:.0f}% longer "
+                 f"than a plain one at the end, and the meter about {100 * share / len(logged):.1f}% of the steps' "
+                 "time over the run")
+    return text + "."
+
+
 def headline(summary: dict[str, Any]) -> str | None:
     """The estimate with its 95% interval, or "not measurable yet"; None for a run without a meter."""
     if "b_simple" not in summary:
@@ -156,6 +175,8 @@ def noise_report(title: str, rows: list[dict], summary: dict[str, Any], notes: l
             rep.text(f"Predicted critical batch size: of the order of {summary['b_simple']:.3g} examples. "
                      f"{B_SIMPLE_PREDICTS}")
         rep.text(b_simple_trend(rows))
+        if meter_schedule(rows):
+            rep.text(meter_schedule(rows))
     for note in notes:
         rep.text(note, cls="note")
     rep.table([{"quantity": k, "value": v} for k, v in summary.items()])

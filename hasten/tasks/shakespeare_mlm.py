@@ -56,6 +56,11 @@ def masked_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.
     return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
 
 
+# The loss averages a varying number of terms per example (its masked tokens): the training loop weights each
+# micro-batch by its share of them, so splitting a batch leaves the objective unchanged.
+masked_cross_entropy.terms = lambda targets: (targets != IGNORE).flatten(1).sum(1)
+
+
 def masked_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One value per example: the fraction of its masked tokens predicted right."""
     scored = targets != IGNORE

@@ -104,7 +104,8 @@ def _fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any], run_dir: Path, 
     methods = build_methods(cfg.methods, task, model)  # speedup methods (`hasten methods`), in stage order
     for method in methods:
         method.prepare_model(model)  # module swaps, before the optimizer and the checkpoint see the model
-    source, source_why = resolve_source(cfg.noise, model, world, cfg.precondition)  # auto: hooks or micro
+    source, source_why = resolve_source(cfg.noise, model, world, cfg.precondition,  # auto: hooks or micro
+                                        lambda: first_examples(train, 2, device), task.loss)
     optimizer = make_optimizer(cfg, model.parameters())
     sampler = EpochSampler(len(train), cfg.seed)
     loader = Batches(train, sampler, device, rank=rank, world=world, workers=cfg.data_workers,
@@ -195,7 +196,13 @@ def _fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any], run_dir: Path, 
             n = len(indices)  # examples drawn (methods may train on fewer, or on changed ones)
             weight = world * len(mine) / n  # DDP averages the ranks: mean_r(weight_r·mean_r) = the batch mean
             callbacks.fire("batch_ready", state)  # may replace state.batch
-            loss_sum = forward_backward(fire=True, scale=state.scaler is not None)
+            try:
+                loss_sum = forward_backward(fire=True, scale=state.scaler is not None)
+            except (RuntimeError, NotImplementedError) as e:  # e.g. an op without a float16 kernel on this device
+                if amp is None or not any(t in str(e) for t in ("Half", "BFloat16", "float16", "bfloat16")):
+                    raise
+                raise HastenError(f"precision={cfg.precision} on {device.type}: {str(e).splitlines()[0][:200]}; use "
+                                  "precision=32 (or bf16)") from e
             if state.scaler is not None:
                 state.scaler.unscale_(optimizer)  # the noise meter read its scaled gradients at after_backward
             callbacks.fire("before_optimizer_step", state)
@@ -255,10 +262,16 @@ def micro_batch_shares(loss_fn, inputs: torch.Tensor, targets: list[torch.Tensor
     e.g. a masked LM's masked tokens), its share of the terms (tensors, not read on the host)."""
     terms = getattr(loss_fn, "terms", None)
     if terms is None or len(targets) < 2:
-        return [len(y) / len(inputs) for y in targets]
+        return [len(y) / max(len(inputs), 1) for y in targets]  # an empty shard: one empty micro-batch
     counts = [terms(y).sum() for y in targets]
     total = sum(counts)
     return [c / total for c in counts]
+
+
+def first_examples(dataset, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of the dataset's first ``n`` examples, on ``device``."""
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(min(n, len(dataset)))])
+    return tuple(t.to(device) for t in batch[:2])
 
 
 def reduce_loss(state: LoopState, loss_sum: torch.Tensor) -> float:

@@ -82,8 +82,14 @@ def noise_source(noise: str, world: int) -> str:
     return "ddp" if world > 1 and noise in ("auto", "micro") else noise
 
 
-def resolve_source(noise: str, model: torch.nn.Module, world: int = 1, precondition: bool = False) -> tuple[str, str]:
-    """(source, why): ``noise`` with auto resolved for ``model``: hooks if the per-example tap covers it, else micro."""
+def resolve_source(noise: str, model: torch.nn.Module, world: int = 1, precondition: bool = False,
+                   sample=None, loss_fn=None) -> tuple[str, str]:
+    """(source, why): ``noise`` with auto resolved for ``model``: hooks if the per-example tap covers it, else micro.
+
+    ``sample()`` -> (inputs, targets), a few training examples on the model's device: auto then also runs the tap
+    once on them with ``loss_fn`` (a layer applied without the batch dimension only shows in a forward), under a
+    forked RNG, leaving ``.grad`` as it was.
+    """
     source = noise_source(noise, world)
     if source != "auto":
         return source, "chosen by noise=" + noise
@@ -92,10 +98,31 @@ def resolve_source(noise: str, model: torch.nn.Module, world: int = 1, precondit
     from hasten.measure import PerExampleTap
 
     try:
-        PerExampleTap(model).remove()
+        tap = PerExampleTap(model)
+        try:
+            if sample is not None:
+                _probe(tap, model, loss_fn, *sample())
+        finally:
+            tap.remove()
     except HastenError as e:
         return "micro", f"the per-example hooks do not apply: {e}"
     return "hooks", "every trainable parameter is in a layer the per-example hooks cover"
+
+
+def _probe(tap, model: torch.nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    device = inputs.device
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):  # dropout draws nothing from the training RNG
+            for p in params:
+                p.grad = None
+            loss_fn(model(inputs), targets).backward()
+            tap.step(len(inputs))
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
 
 
 def horizon_from_config(cfg) -> float | None:

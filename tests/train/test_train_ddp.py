@@ -130,7 +130,9 @@ def test_cli_train_under_torchrun_writes_one_report(tmp_path):
     assert proc.stdout.count("report: ") == 1 and proc.stdout.count(" steps, ") == 1  # rank 0 alone prints
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
-    assert max(r["batch_size"] for r in rows) > 32 and all(r["noise/b_simple"] is not None for r in rows[3:])
+    assert max(r["batch_size"] for r in rows) > 32 and any(r["noise/b_simple"] is not None for r in rows)
+    # noise_budget (default): the ranks share their cost estimates in the loss all-reduce and agree on N.
+    assert rows[0]["noise/every"] == 4 and sum(r["noise/measured"] for r in rows) >= 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["noise source"] == "ddp" and summary["n_steps"] > 0
     assert "Batch size, learning rate and B_simple" in (run / "report.html").read_text()

@@ -34,14 +34,14 @@ class BruteForce(Callback):
         self.ref = NoiseScale(horizon=self.horizon, dataset_size=state.train_size)
 
     def on_before_optimizer_step(self, state):
-        if (state.step + 1) % self.every:
+        if (state.step + 1) % self.every or state.skewed_batch:  # the meter leaves skewed batches out
             return
-        x, y = state.batch
+        x, y = state.batch[:2]
         model = copy.deepcopy(state.model)
 
         def sq_norm(xs, ys):
             model.zero_grad(set_to_none=True)
-            state.task.loss(model(xs), ys).backward()
+            state.loss_fn(model(xs), ys).backward()  # the loss the step trains with (methods may change it)
             return sum((p.grad.double() ** 2).sum() for p in model.parameters()).item()
 
         size = split_size(len(x), self.small, self.parts)
@@ -54,7 +54,7 @@ class BruteForce(Callback):
 def close(estimate, reference, rel=1e-4):
     ref = reference.compute()
     for key in ("b_simple", "grad_sq", "trace_cov", "b_simple_se"):
-        assert getattr(estimate, key) == pytest.approx(getattr(ref, key), rel=rel), key
+        assert getattr(estimate, key) == pytest.approx(getattr(ref, key), rel=rel, nan_ok=True), key
     assert (estimate.n_steps, estimate.n_skipped) == (ref.n_steps, ref.n_skipped)
 
 
@@ -188,13 +188,13 @@ def final_weights(run_dir):
     return load_checkpoint(run_dir / "checkpoint-latest.pt")["model"]
 
 
-@pytest.mark.parametrize("noise, every", [("micro", 100), ("hooks", 1)])
+@pytest.mark.parametrize("noise, every", [("micro", 100), ("hooks", 1), ("auto", 1)])
 def test_weights_equal_noise_off_when_the_meter_only_reads(tmp_path, noise, every):
     """micro with no step measured, and hooks measuring every step, train exactly as noise=off."""
     task = tiny_task(dropout=0.2)
     off = fit(task, tiny_config(steps=12, noise="off"), run_dir=tmp_path / "off")
     run = fit(task, tiny_config(steps=12, noise=noise, noise_every=every), run_dir=tmp_path / noise)
-    assert run.noise.n_steps == (0 if every > 12 else 12) and run.noise_source == noise
+    assert run.noise.n_steps == (0 if every > 12 else 12) and run.noise_source == noise.replace("auto", "hooks")
     a, b = final_weights(tmp_path / "off"), final_weights(tmp_path / noise)
     assert all(torch.equal(a[k], b[k]) for k in a) and off.loss == run.loss
 
@@ -224,6 +224,19 @@ def test_noise_source_auto_picks_hooks_or_micro(tmp_path):
     assert result.noise_source == config["noise_source"] == "micro" and "BatchNorm" in config["noise_source_why"]
     with pytest.raises(HastenError, match="BatchNorm"):
         fit(task, tiny_config(steps=3, noise="hooks"), run_dir=tmp_path / "forced")
+
+    class Broadcast(nn.Module):  # a bias row looked up without the batch dimension: only a forward shows it
+        def __init__(self):
+            super().__init__()
+            self.lin, self.row = nn.Linear(6, 3), nn.Embedding(1, 3)
+
+        def forward(self, x):
+            return self.lin(x) + self.row(torch.zeros(1, dtype=torch.long, device=x.device))
+
+    task.models["mlp"] = Broadcast
+    result = fit(task, tiny_config(steps=3, noise="auto"), run_dir=tmp_path / "broadcast")
+    config = json.loads((tmp_path / "broadcast" / "config.json").read_text())
+    assert result.noise_source == "micro" and "per-example hooks do not apply" in config["noise_source_why"]
 
 
 class FakeClock(Callback):

@@ -43,3 +43,14 @@ def test_fixed_batch_without_meter_has_no_schedule_figure():
     assert not changes_batch_or_measures(rows)
     assert changes_batch_or_measures([{**rows[0], "noise/b_simple": 12.0}])
     assert changes_batch_or_measures([{**rows[0], "batch/planned": 8}])
+
+
+def test_the_report_says_which_steps_the_meter_measured():
+    from hasten.report.noise import meter_schedule
+
+    rows = [{"step": s, "noise/every": 4 if s < 8 else 5, "noise/measured": s % 4 == 0,
+             "noise/cost": 0.5 if s > 4 else None} for s in range(1, 13)]
+    text = meter_schedule(rows)
+    assert text.startswith("The meter measured 3 of 12 steps (one in N, N from 4 to 5)")
+    assert "50% longer" in text and "about 8.3% of the steps' time" in text  # 2 measured steps × 0.5 / 12
+    assert meter_schedule([{"step": 1}]) is None

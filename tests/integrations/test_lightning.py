@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
+import os
+import re
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from hasten.errors import HastenError  # noqa: E402
 from hasten.integrations.lightning import BatchSizeSchedule, NoiseScaleMonitor  # noqa: E402
-from hasten.schedules import increase_batch  # noqa: E402
+from hasten.schedules import adaptive, increase_batch  # noqa: E402
 
 N, D, H = 2048, 8, 16  # examples, inputs, hidden units of the teacher/student MLP
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,3 +238,129 @@ def test_a_change_waits_for_a_batch_index_that_is_a_multiple_of_the_new_accumula
     schedule = BatchSizeSchedule(increase_batch(32, milestones=(160,), factor=4, rule="approx"))
     fit([schedule], n=512, batch=32, k=1, steps=10)
     assert [(h["step"], h["accumulate"]) for h in schedule.history] == [(0, 1), (8, 4)]
+
+
+def fp16_plugin(init_scale: float = 2.0**4, growth_interval: int = 16):
+    """fp16 AMP with a GradScaler on CPU (Trainer(precision="16-mixed") turns into bf16 there)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
+class GradientNorms(pl.Callback):
+    """|∇w|² of the first layer at the last backward of each step and in on_before_optimizer_step."""
+
+    def __init__(self):
+        self.after_backward, self.before_step, self.scales = [], [], []
+
+    def on_after_backward(self, trainer, pl_module):
+        if not trainer.fit_loop._should_accumulate():
+            self.after_backward.append(pl_module.net[0].weight.grad.double().square().sum().item())
+            self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before_step.append(pl_module.net[0].weight.grad.double().square().sum().item())
+
+
+def test_lightning_unscales_fp16_gradients_before_on_before_optimizer_step():
+    # Why the monitor measures in the last on_after_backward: there the accumulated gradient still carries the
+    # GradScaler's scale, like the micro-batch gradients its hooks saw; on_before_optimizer_step runs after unscale_.
+    norms = GradientNorms()
+    fit([norms], steps=2, plugins=[fp16_plugin(init_scale=2.0**6)])
+    assert norms.scales == [64.0, 64.0]
+    for scaled, unscaled in zip(norms.after_backward, norms.before_step):
+        assert scaled == pytest.approx(unscaled * 64.0**2, rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_matches_fp32(precision):
+    # Same data, same parameters (LR 0) as micro_run in fp32. fp16: the GradScaler's scale doubles every 16 steps
+    # (16 → 1024); were it not divided out, |G|² and tr Σ would be off by its square.
+    reference, _ = micro_run()
+    monitor = NoiseScaleMonitor(small="all")
+    extra = {"plugins": [fp16_plugin()]} if precision == "fp16" else {"precision": "bf16-mixed"}
+    fit([monitor], steps=96, gradient_clip_val=1e-3, **extra)
+    est, ref = monitor.estimate, reference.estimate
+    assert est.n_steps == ref.n_steps == 96
+    assert est.b_simple == pytest.approx(ref.b_simple, rel=0.05)
+    assert est.grad_sq == pytest.approx(ref.grad_sq, rel=0.05)
+    assert est.trace_cov == pytest.approx(ref.trace_cov, rel=0.05)
+
+
+class BatchNormRegression(Regression):
+    def __init__(self):
+        super().__init__(nn.Sequential(nn.Linear(D, H), nn.BatchNorm1d(H), nn.Tanh(), nn.Linear(H, 1)))
+
+
+class ManualRegression(Regression):
+    def __init__(self):
+        super().__init__(student(), lr=0.1)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        optimizer.step()
+
+
+@pytest.mark.parametrize("callback, module, k, message", [
+    (NoiseScaleMonitor(), BatchNormRegression, 1, "accumulate_grad_batches=2 or more"),
+    (NoiseScaleMonitor(source="per_example"), BatchNormRegression, 4, "undefined with BatchNorm"),
+    (NoiseScaleMonitor(source="micro"), None, 1, "needs Trainer(accumulate_grad_batches=2 or more), got 1"),
+    (NoiseScaleMonitor(source="ddp"), None, 4, "use strategy='ddp' with devices >= 2"),
+    (NoiseScaleMonitor(), ManualRegression, 1, "automatic_optimization=False"),
+    (BatchSizeSchedule(increase_batch(64, (640,), 2, rule="approx")), ManualRegression, 1,
+     "automatic_optimization=False"),
+    (BatchSizeSchedule(increase_batch(32, (640,), 2, rule="approx")), None, 1, "base_batch=32 is not a multiple of micro-batch × world size = 64"),
+    (BatchSizeSchedule(adaptive(64, 64, 512)), None, 1, "add NoiseScaleMonitor()"),
+])
+def test_bad_setups_raise_one_clear_error(callback, module, k, message):
+    with pytest.raises(HastenError, match=re.escape(message)):
+        fit([callback], module=module() if module else None, k=k, steps=2)
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "ModelParallelStrategy"])
+def test_sharding_strategies_are_refused(strategy):
+    # They need GPUs to run; the check reads only the strategy's type.
+    strategy = getattr(pl.strategies, strategy)()
+    with pytest.raises(HastenError, match=f"not {type(strategy).__name__}.*use strategy='ddp'"):
+        NoiseScaleMonitor().on_fit_start(SimpleNamespace(strategy=strategy, world_size=2), Regression(student()))
+
+
+def test_arguments_are_checked():
+    with pytest.raises(HastenError, match="source='micro_batch'"):
+        NoiseScaleMonitor(source="micro_batch")
+    with pytest.raises(HastenError, match="every=0"):
+        NoiseScaleMonitor(every=0)
+    with pytest.raises(HastenError, match="not a batch schedule"):
+        BatchSizeSchedule(64)
+
+
+def test_ddp_source_matches_brute_force(monkeypatch):
+    # Two CPU processes (gloo), each accumulating 2 batches of 32 (under no_sync, so DDP's hook fires once a step):
+    # B_small = one rank's 64 examples, B_big = 128. Simulated, 192 steps land within ~3% (1 sd) of the truth.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    X, y, _ = teacher()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=192, accumulate_grad_batches=2,
+                         callbacks=[NoiseScaleMonitor()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Regression(student()), DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True))
+    b, grad_sq, trace_cov = brute_force()
+    metrics = trainer.callback_metrics  # from rank 0; the estimate is the same on every rank
+    assert float(metrics["noise/b_simple"]) == pytest.approx(b, rel=0.15)
+    assert float(metrics["noise/grad_sq"]) == pytest.approx(grad_sq, rel=0.05)
+    assert float(metrics["noise/trace_cov"]) == pytest.approx(trace_cov, rel=0.15)
+
+
+def test_example_runs_on_tiny_settings():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_fit.py"), "--task", "digits",
+                           "--epochs", "2", "--batch-size", "16", "--train-size", "512"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "B_simple = " in proc.stdout and "95% interval" in proc.stdout
+    assert "from step 0: batch 32 (accumulate 2)" in proc.stdout and "validation accuracy" in proc.stdout

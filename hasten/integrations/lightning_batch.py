@@ -19,7 +19,8 @@ GradientAccumulationScheduler changes it only at epoch starts.)
 
 The LR multiplier is applied around each ``optimizer.step()`` (a step pre-hook multiplies each group's LR, a post-hook
 puts it back), so it multiplies whatever the LR scheduler set and the scheduler never sees it (nor does
-LearningRateMonitor: the multiplier is logged as ``batch/lr_mult``). A planned momentum is set on the optimizer
+LearningRateMonitor: the multiplier is logged as ``batch/lr_mult``, with ``batch/size``, on the steps Lightning
+writes to its loggers and at each epoch's end). A planned momentum is set on the optimizer
 (SGD's momentum, Adam's β₁). Progress (examples seen), the current accumulation and the schedule's own state are
 the callback's checkpoint state, so ``fit(ckpt_path=...)`` continues the same plan.
 """
@@ -31,7 +32,8 @@ from typing import Callable
 import lightning.pytorch as pl
 
 from hasten.errors import HastenError
-from hasten.integrations.lightning import NoiseScaleMonitor, check_automatic, first_dim, loader_dataset_size
+from hasten.integrations.lightning import (NoiseScaleMonitor, check_automatic, first_dim, loader_dataset_size,
+                                             logging_step)
 from hasten.schedules.batch import Adaptive
 from hasten.train.batch_callback import set_momentum
 
@@ -85,10 +87,10 @@ class BatchSizeSchedule(pl.Callback):
                               optimizer.register_step_post_hook(self._restore_lr)]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        micro = self.micro_batch_size or getattr(trainer.train_dataloader, "batch_size", None)
+        micro = self.micro_batch_size or loader_batch_size(trainer.train_dataloader)
         if not micro:
-            raise HastenError("BatchSizeSchedule cannot tell the dataloader's batch size (it has a batch_sampler): "
-                              "pass BatchSizeSchedule(..., micro_batch_size=N)")
+            raise HastenError("BatchSizeSchedule cannot tell the train dataloader's batch size: pass "
+                              "BatchSizeSchedule(..., micro_batch_size=N)")
         self.world = trainer.world_size
         self.multiple = micro * self.world
         self.schedule.validate(loader_dataset_size(trainer.train_dataloader), self.multiple)
@@ -101,9 +103,16 @@ class BatchSizeSchedule(pl.Callback):
             plan = self.schedule.plan(self.examples, self._b_simple())
             if batch_idx % self._accumulation(plan) == 0:  # Lightning zeroes the gradient here under the new value
                 self._apply(trainer, plan)
-            pl_module.log_dict({"batch/size": float(self.accumulate * self.multiple), "batch/lr_mult": self.lr_mult},
-                               on_step=True, on_epoch=False, batch_size=1)
+            if logging_step(trainer):
+                self._log(pl_module, on_step=True)
         self.examples += self.batch_size_fn(batch) * self.world
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(pl_module, on_step=False)
+
+    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
+        pl_module.log_dict({"batch/size": float(self.accumulate * self.multiple), "batch/lr_mult": self.lr_mult},
+                           on_step=on_step, on_epoch=not on_step, batch_size=1)
 
     def _accumulation(self, plan) -> int:
         if plan.batch_size % self.multiple:
@@ -160,3 +169,13 @@ class BatchSizeSchedule(pl.Callback):
         self.examples, self.accumulate = float(state["examples"]), state["accumulate"]
         self.lr_mult, self.history = float(state["lr_mult"]), [dict(row) for row in state["history"]]
         self.schedule.load_state_dict(state["schedule"])
+
+
+def loader_batch_size(loader) -> int | None:
+    """Examples per batch: the DataLoader's ``batch_size``, else its batch sampler's (also when that sampler is
+    passed as ``sampler=`` with ``batch_size=None``)."""
+    for source in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        size = getattr(source, "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None

@@ -102,8 +102,9 @@ def fit(callbacks, *, k: int = 4, batch: int = 64, steps: int = -1, epochs: int 
     torch.manual_seed(seed)
     loader = DataLoader(TensorDataset(X, y), batch_size=batch, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+    trainer_args.setdefault("logger", False)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=epochs, accumulate_grad_batches=k,
-                         callbacks=[*callbacks, *([checkpoint] if checkpoint else [])], logger=False,
+                         callbacks=[*callbacks, *([checkpoint] if checkpoint else [])],
                          enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root, **trainer_args)
     with warnings.catch_warnings():
@@ -139,6 +140,30 @@ def test_micro_batches_match_brute_force_with_clipping():
     assert metrics["noise/b_simple_hi"] == pytest.approx(est.interval[1], rel=1e-6)
     assert metrics["noise/grad_sq"] == pytest.approx(est.grad_sq, rel=1e-6)
     assert metrics["noise/trace_cov"] == pytest.approx(est.trace_cov, rel=1e-6)
+
+
+class MemoryLogger(pl.loggers.Logger):
+    name, version = "memory", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_metrics_reach_the_logger_on_its_steps():
+    logger = MemoryLogger()
+    fit([NoiseScaleMonitor(), BatchSizeSchedule(increase_batch(256, (1024,), 2, rule="approx"))], steps=6,
+        logger=logger, log_every_n_steps=2)
+    noise = [step for step, row in logger.rows if "noise/b_simple" in row and "noise/trace_cov" in row]
+    batch = [(step, row["batch/size"]) for step, row in logger.rows if "batch/size" in row]
+    # Steps 2, 4 and 6 (the logger counts from 0), then once more as the (short) epoch ends.
+    assert noise == [1, 3, 5, 5] and batch == [(1, 256.0), (3, 256.0), (5, 512.0), (5, 512.0)]
 
 
 def test_per_example_source_matches_brute_force():

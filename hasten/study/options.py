@@ -209,6 +209,7 @@ def noise_spec(cfg: TrainConfig, opts: StudyOptions, goals, b: int, lr: float, e
     at the target reflects the end of that run rather than its start."""
     horizon = examples_to_target / 5 if examples_to_target else 0.0
     noise = cfg.noise if cfg.noise != "off" else "micro"
+    # Measuring is this run's point: every step (noise_budget=0), not the training default's one step in N.
     trial = dataclasses.replace(cfg, batch_size=b, lr=lr, seed=opts.seeds[0], noise=noise, noise_horizon=horizon,
-                                steps=budget(opts, cfg.steps, cfg.batch_size, b))
+                                noise_budget=0.0, steps=budget(opts, cfg.steps, cfg.batch_size, b))
     return _spec("noise", trial, goals, opts, study_dir)

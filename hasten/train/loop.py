@@ -1,10 +1,15 @@
 """The training loop: one function, read top to bottom (nanoGPT-style).
 
-Per step: set LR (schedule) → ``batch_start`` → micro-batch loop (forward, loss × share of the batch, backward,
-``after_backward``) → ``before_optimizer_step`` (the noise scale is measured here, before clipping) → clip →
-optimizer step (skipped when the loss is not finite) → ``batch_end`` → evaluate when due → log the row →
-checkpoint when due. Evaluating and checkpointing at the *end* of step N puts the eval numbers in row N and lets
-a resumed run start at step N+1 without repeating anything.
+Per step: set LR (schedule) → ``batch_start`` → ``batch_ready`` (methods may change the batch) → micro-batch loop
+(forward under autocast with precision=bf16|fp16, loss × share of the batch, backward, ``after_backward``; the noise
+scale is measured at the last one) → unscale (fp16) → ``before_optimizer_step`` → clip → optimizer step (skipped when
+the loss is not finite) → ``batch_end`` → evaluate when due → log the row → checkpoint when due. Evaluating and
+checkpointing at the *end* of step N puts the eval numbers in row N and lets a resumed run start at step N+1
+without repeating anything.
+
+A batch is one backward unless ``micro_batch_size`` splits it; the micro noise source splits only the steps it
+measures. A micro-batch's loss is weighted by its share of the batch's examples, or of its loss terms for a loss
+that declares them (``loss.terms(targets)``: a masked LM's scored tokens), so the split leaves the objective alone.
 
 Under ``torchrun`` (see :mod:`hasten.train.distributed`) ``batch_size`` is the global batch: every rank draws it
 from its own sampler (same seed) and trains on its shard, its loss weighted so that DDP's average of the ranks'
@@ -13,7 +18,8 @@ gradients is the global batch-mean gradient; only rank 0 writes files.
 Exact resume: the checkpoint holds the model, optimizer, sampler position, every global RNG state and the
 callbacks' states, taken between two steps; evaluation runs under ``fork_rng`` so it draws nothing from the
 training RNG. A run killed at any point and started again with the same call ends bit-identical (same device,
-same thread count).
+same thread count); with noise_budget > 0 the steps the meter measures depend on timings (see
+:mod:`hasten.train.noise_callback`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """A batch-size schedule inside Lightning's ``trainer.fit``: grows the effective batch by changing
 ``trainer.accumulate_grad_batches`` between optimizer steps, with the LR (and momentum) the schedule plans.
 
->>> schedule = BatchSizeSchedule(increase_batch(64, (30_000, 60_000), 2, dataset_size=len(ds)))  # doctest: +SKIP
+>>> plan = increase_batch(64, (30_000, 60_000), 2, dataset_size=len(ds), multiple=64)  # doctest: +SKIP
+>>> schedule = BatchSizeSchedule(plan)                                                  # doctest: +SKIP
 >>> L.Trainer(callbacks=[schedule], max_epochs=10).fit(module, DataLoader(ds, batch_size=64))  # doctest: +SKIP
 
 The schedules are hasten's (:mod:`hasten.schedules`): ``plan(examples seen) -> Plan(global batch, LR multiplier,

@@ -257,12 +257,30 @@ def test_increase_batch_changes_accumulation_at_the_planned_steps_and_scales_the
     assert trainer.callback_metrics["batch/lr_mult"] == 0.5 and trainer.callback_metrics["batch/size"] == 64
 
 
+class Cycles(pl.Callback):
+    """Per optimizer step: (backwards since Lightning last zeroed the gradient, accumulate_grad_batches)."""
+
+    def __init__(self):
+        self.steps, self.batches = [], None
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        self.batches = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.batches = None if self.batches is None else self.batches + 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps.append((self.batches, trainer.accumulate_grad_batches))
+
+
 def test_a_change_waits_for_a_batch_index_that_is_a_multiple_of_the_new_accumulation():
     # The plan asks for accumulation 4 from step 5 (index 5); Lightning would not zero the gradient at index 5 under
-    # 4, so the change waits for index 8 (step 8). The epoch (16 batches) then ends on a full step.
-    schedule = BatchSizeSchedule(increase_batch(32, milestones=(160,), factor=4, rule="approx"))
-    fit([schedule], n=512, batch=32, k=1, steps=10)
+    # 4 (the step would add onto the last one's gradient), so the change waits for index 8 (step 8). Every step's
+    # gradient is then that of exactly `accumulate` batches, zeroed before the first, across the epoch's end too.
+    schedule, cycles = BatchSizeSchedule(increase_batch(32, milestones=(160,), factor=4, rule="approx")), Cycles()
+    fit([schedule, cycles], n=512, batch=32, k=1, steps=12)
     assert [(h["step"], h["accumulate"]) for h in schedule.history] == [(0, 1), (8, 4)]
+    assert cycles.steps == [(1, 1)] * 8 + [(4, 4)] * 4
 
 
 def fp16_plugin(init_scale: float = 2.0**4, growth_interval: int = 16):
@@ -389,3 +407,16 @@ def test_example_runs_on_tiny_settings():
     assert proc.returncode == 0, proc.stderr
     assert "B_simple = " in proc.stdout and "95% interval" in proc.stdout
     assert "from step 0: batch 32 (accumulate 2)" in proc.stdout and "validation accuracy" in proc.stdout
+
+
+def test_adaptive_schedule_follows_the_monitor():
+    # B_simple ≈ 20 here: from batch 8 (accumulation 1, per-example source) the adaptive schedule moves to the
+    # multiple of 8 nearest the estimate once the predicted cost drops by 5%, with AdaScale's LR gain.
+    monitor = NoiseScaleMonitor()
+    schedule = BatchSizeSchedule(adaptive(8, 8, 64, multiple=8))
+    trainer = fit([monitor, schedule], k=1, batch=8, steps=24)
+    first, *changes = schedule.history
+    assert (first["step"], first["batch_size"]) == (0, 8) and changes and monitor.source_used == "per_example"
+    last = changes[-1]
+    assert 16 <= last["batch_size"] <= 32 and trainer.accumulate_grad_batches == last["accumulate"]
+    assert last["lr_mult"] > 1.0  # AdaScale: r = (1 + B_simple/8)/(1 + B_simple/B) > 1 for B > 8

@@ -1,6 +1,6 @@
 """The Lightning adapters on Fashion-MNIST: the monitor's cost per step, and increase_batch vs an LR decay.
 
-    python benchmarks/bench_lightning.py overhead         # step time with NoiseScaleMonitor ÷ without (target ≤ 1.05)
+    python benchmarks/bench_lightning.py overhead         # step time with the monitor ÷ without (target ≤ 1.05)
     python benchmarks/bench_lightning.py overhead --source per_example --accumulate 1 --batch 256
     python benchmarks/bench_lightning.py increase         # LR decay vs BatchSizeSchedule(increase_batch), 3 seeds
     python benchmarks/bench_lightning.py all --quick      # a tiny run of both, to check the script (not a result)

@@ -129,8 +129,9 @@ def micro_run():
 
 
 def test_micro_batches_match_brute_force_with_clipping():
-    # B_simple ≈ 15 here, |G| ≈ 0.26 ≫ the clip value: the meter reads the gradient before clipping. Simulated with
-    # this estimator, 96 steps land within ~2% (1 sd) of the truth; a wrong divisor shifts |G|² and tr Σ by k².
+    # B_simple ≈ 20 here and |G| ≈ 1.1, far above the clip value: the meter reads the gradient before clipping.
+    # Simulated with this estimator, 96 steps land within ~2% (1 sd) of the truth; a wrong divisor shifts |G|² and
+    # tr Σ by k².
     monitor, metrics = micro_run()
     est = monitor.estimate
     assert monitor.source_used == "micro" and est.n_steps == 96 and est.n_skipped == 0
@@ -356,7 +357,8 @@ class ManualRegression(Regression):
     (NoiseScaleMonitor(), ManualRegression, 1, "automatic_optimization=False"),
     (BatchSizeSchedule(increase_batch(64, (640,), 2, rule="approx")), ManualRegression, 1,
      "automatic_optimization=False"),
-    (BatchSizeSchedule(increase_batch(32, (640,), 2, rule="approx")), None, 1, "base_batch=32 is not a multiple of micro-batch × world size = 64"),
+    (BatchSizeSchedule(increase_batch(32, (640,), 2, rule="approx")), None, 1,
+     "base_batch=32 is not a multiple of micro-batch × world size = 64"),
     (BatchSizeSchedule(adaptive(64, 64, 512)), None, 1, "add NoiseScaleMonitor()"),
 ])
 def test_bad_setups_raise_one_clear_error(callback, module, k, message):

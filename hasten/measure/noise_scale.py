@@ -39,7 +39,7 @@ B_SIMPLE_PREDICTS = (
     "order of magnitude. McCandlish et al. 2018 expect B_crit ≈ B_noise = tr(HΣ)/(GᵀHG) (eq. 2.8), which equals "
     "B_simple only when the Hessian H is a multiple of the identity (eq. 2.9); in their Table 1 the image "
     "classifiers had B_crit 2-8× below B_simple (MNIST 200 vs 900, ImageNet 15k vs 30k). hasten's own studies "
-    "measured B_crit 2.6-3× above B_simple on the digits and fashion MLPs (BENCHMARKS.md: "
+    "measured B_crit 2.6-3× above B_simple on the digits and fashion MLPs with SGD, momentum 0.9 (BENCHMARKS.md: "
     "`hasten study batch-size digits target=loss:0.1` and "
     "`hasten study batch-size fashion target=eval_loss:0.4 smith_le_epochs=0`). "
     "To know B_crit for your task, measure it: `hasten study batch-size TASK target=...`."

@@ -75,6 +75,8 @@ def analyze(records: list[dict], opts, cfg, task, goals, batch_sizes, train_size
     fit = None
     if len({b for b, _ in points}) >= 2:
         fit = fit_critical_batch([b for b, _ in points], [s for _, s in points], bootstrap=opts.bootstrap)
+        if not fit.identified:
+            notes.append(fit.reason)  # "B_crit not identified (...): extend batch_sizes ..."
         regimes = dict(zip(batch_sizes, scaling_regimes(fit, batch_sizes)))
         for row in per_batch:
             row["regime"] = regimes[row["batch_size"]]
@@ -117,7 +119,7 @@ def prediction(noise: dict, fit) -> dict:
                                       "b_simple_hi", "trajectory",
                                       "trajectory_dropped", "adaptive_gain", "noise_source", "noise_horizon")}
     out.update({"b_simple_at_target": at, "b_simple_mean": mean, "b_crit": fit.b_crit if fit else None})
-    if fit:
+    if fit and fit.b_crit:  # None when not identified: no ratio to give
         out["ratio_at_target"] = fit.b_crit / at if at and at > 0 else None
         out["ratio_mean"] = fit.b_crit / mean if mean and mean > 0 else None
     return out

@@ -23,6 +23,7 @@ class TrainConfig:
     # progress is counted in steps of batch_size examples: bigger batches mean fewer optimizer steps.
     batch: str = "fixed"  # fixed | increase (grow the batch where `schedule` decays the LR) | adaptive | stages
     batch_max: int = 0  # increase, adaptive: largest global batch (0 = the training set); increase: LR decays past it
+    batch_increase_rule: str = "exact"  # increase: exact (hold g = ε(N/B − 1)/(1 − m)) | approx (hold ε/B, B ≪ N)
     batch_min: int = 0  # adaptive: smallest global batch (0 = batch_size)
     batch_rule: str = "linear"  # adaptive: linear (B = c·B_simple) | sqrt (B = c·√(batch_size·B_simple))
     batch_scale: float = 1.0  # adaptive: c in batch_rule (B_simple ≈ B_crit within ~10×, McCandlish et al.)
@@ -72,6 +73,6 @@ def default_run_dir(cfg: TrainConfig, kind: str = "train") -> str:
     import hashlib
     import json
 
-    keys = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("run_dir", "progress", "threads")}
+    keys = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("run_dir", "progress", "threads", "data_workers", "pin_memory")}
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"runs/{kind}-{cfg.task}-{digest}"

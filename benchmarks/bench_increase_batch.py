@@ -25,7 +25,6 @@ Results print as Markdown and are stored as JSON at ``--out``, with the command,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os

@@ -1,5 +1,10 @@
-"""Where a run's numbers go: ``metrics.jsonl`` (one JSON object per step), TensorBoard event files under ``tb/``,
-a progress bar on a terminal and a one-line summary at each evaluation.
+"""Where a run's numbers go: ``metrics.jsonl`` (one JSON object per step), TensorBoard event files under ``tb/``
+(every ``TB_EVERY``-th step and every evaluated step), a progress bar on a terminal and a one-line summary at each
+evaluation.
+
+TensorBoard gets one step in ``TB_EVERY`` because writing an event costs ~0.14 ms of Python (protobuf, a queue, a
+CRC in pure Python), 3% of a 5 ms step, against ~0.01 ms for the JSONL row; Lightning's loggers likewise write
+every ``log_every_n_steps`` (50) steps. ``metrics.jsonl`` keeps every step.
 
 Non-finite values are written as ``null`` so the file stays standard JSON.
 """
@@ -16,6 +21,7 @@ from typing import Any
 from hasten.train.checkpoint import write_atomic
 
 METRICS = "metrics.jsonl"
+TB_EVERY = 10  # TensorBoard gets every 10th step and every evaluated step
 
 
 def _clean(value: Any) -> Any:
@@ -65,7 +71,7 @@ def summary_line(row: dict, total_steps: int) -> str:
 
 
 class RunLogger:
-    """Writes each step's row to JSONL and TensorBoard and advances the progress bar.
+    """Writes each step's row to JSONL (and one in ``TB_EVERY`` to TensorBoard) and advances the progress bar.
 
     Args:
         run_dir: the run's folder (``metrics.jsonl`` is appended to; truncate it first when resuming). A ``tb/``
@@ -119,6 +125,8 @@ class RunLogger:
                 print(line, flush=True)
 
     def _tensorboard(self, row: dict) -> None:
+        if row["step"] % TB_EVERY and not any(k.startswith("eval/") for k in row):
+            return
         # One event per step holding every scalar: an event per scalar (add_scalar) costs ~13x more queue traffic.
         values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()
                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]

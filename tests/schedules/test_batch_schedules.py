@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import hasten.schedules.batch as batch_module
 from hasten.errors import HastenError
-from hasten.schedules import (Adaptive, adaptive, batch_cost, constant_noise_batch, fixed, increase_batch, sgd_noise,
+from hasten.schedules import (adaptive, batch_cost, constant_noise_batch, fixed, increase_batch, sgd_noise,
                               stages)
 from hasten.train.batch_callback import BatchScheduleCallback
 from hasten.train.config import task_config

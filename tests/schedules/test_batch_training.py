@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "train"))
 
-from train_tiny_task import make_data, tiny_config, tiny_task  # noqa: E402
+from train_tiny_task import tiny_config, tiny_task  # noqa: E402
 
 from hasten.cli.main import main as cli  # noqa: E402
 from hasten.schedules import sgd_noise  # noqa: E402

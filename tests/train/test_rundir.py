@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_tiny_task import tiny_config, tiny_task
+from train_tiny_task import Crash, tiny_config, tiny_task, untimed_rows
 
 from hasten.errors import HastenError
-from hasten.train import Callback, fit
+from hasten.train import fit
 from hasten.train.logger import read_jsonl
 from hasten.train.rundir import LOCK, lock_run_dir
 
@@ -25,19 +25,6 @@ def keep_threads():
     n = torch.get_num_threads()  # fit(threads=1) sets the process-wide count: give it back
     yield
     torch.set_num_threads(n)
-
-
-class Crash(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_batch_end(self, state):
-        if state.step == self.at:
-            raise KeyboardInterrupt
-
-
-def untimed_rows(run_dir):
-    return [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def tree(folder: Path) -> dict:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from train_tiny_task import tiny_config, tiny_task
+from train_tiny_task import Crash, tiny_config, tiny_task, untimed_rows
 
 from hasten.errors import HastenError
 from hasten.train import EVENTS, Callback, fit, load_checkpoint
@@ -116,22 +116,9 @@ def test_jsonl_tensorboard_and_config(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tb = [(e.step, e.value) for e in events.Scalars("train/loss")]
-    assert [s for s, _ in tb] == list(range(1, 13))
-    assert [v for _, v in tb] == pytest.approx([r["train/loss"] for r in rows], rel=1e-6)
+    assert [s for s, _ in tb] == [4, 8, 10, 12]  # every TB_EVERY-th (10th) step and every evaluated one
+    assert [v for _, v in tb] == pytest.approx([rows[s - 1]["train/loss"] for s, _ in tb], rel=1e-6)
     assert [e.step for e in events.Scalars("eval/loss")] == [4, 8, 12]
-
-
-class Crash(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_batch_end(self, state):
-        if state.step == self.at:
-            raise KeyboardInterrupt
-
-
-def untimed_rows(run_dir):
-    return [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def final_state(run_dir):
@@ -154,7 +141,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     assert untimed_rows(tmp_path / "cut") == untimed_rows(tmp_path / "whole")
     events = EventAccumulator(str(tmp_path / "cut" / "tb"))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 15))  # replayed steps purged
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 14]  # evaluated/10th steps, replays purged
     again = fit(task, cfg, run_dir=tmp_path / "cut")  # a finished run: nothing to do, same answer
     assert (again.metrics, again.steps) == (whole.metrics, whole.steps)
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from hasten.tasks.base import Task  # noqa: E402
 from hasten.train import Callback, TrainConfig  # noqa: E402
+from hasten.train.logger import read_jsonl  # noqa: E402
 
 
 def make_data(n_train: int = 96, n_test: int = 40, dim: int = 6, classes: int = 3):
@@ -53,6 +54,22 @@ def tiny_config(**overrides) -> TrainConfig:
 # The SIGKILL test's run: dropout (global RNG), momentum, truncated batches (96 = 5·20 − 4), noise=micro.
 SCRIPT_CONFIG = dict(steps=80, batch_size=20, micro_batch_size=5, checkpoint_every=5, eval_every=10, noise="micro",
                      noise_horizon=-1.0, schedule="cosine", warmup=5)
+
+
+class Crash(Callback):
+    """Stops a run at the end of step ``at`` as Ctrl-C would."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_batch_end(self, state):
+        if state.step == self.at:
+            raise KeyboardInterrupt
+
+
+def untimed_rows(run_dir):
+    """A run's metrics rows without wall-clock time (equal between a resumed and an uninterrupted run)."""
+    return [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 class Sleep(Callback):

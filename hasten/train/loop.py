@@ -144,18 +144,21 @@ def _fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any], run_dir: Path, 
         ``.grad`` (times the fp16 loss scale with ``scale``); returns that loss. Also ``state.closure``, so a callback
         can redo it (SAM). Micro-batches of ``micro_batch_size``, or smaller on a step the noise meter splits."""
         inputs, targets = state.batch[:2]
-        total, micro = torch.zeros((), device=device), split_size(len(inputs), state.micro_batch_size, state.split)
+        total, micro = None, split_size(len(inputs), state.micro_batch_size, state.split)
         chunks = list(zip(inputs.split(micro), targets.split(micro)))
         shares = micro_batch_shares(state.loss_fn, inputs, [y for _, y in chunks])
         state.micro_batches = ([len(x) for x, _ in chunks], shares)
         for i, (x, y) in enumerate(chunks):
             with dist.sync_if(net, last=i == len(chunks) - 1):  # DDP all-reduces on the last micro-batch only
                 with autocast():
-                    # Each micro-batch's share of the rank's batch mean, times the rank's weight (1 in one process).
-                    loss = state.loss_fn(net(x), y) * (shares[i] * weight) if len(x) else net(x).sum()
+                    # Each micro-batch's share of the rank's batch mean, times the rank's weight (1 in one process;
+                    # a factor of exactly 1 is not applied: one op and one backward node less on a plain step).
+                    loss = state.loss_fn(net(x), y) if len(x) else net(x).sum()
+                    factor = shares[i] * weight if len(x) else 1.0
+                    loss = loss if isinstance(factor, float) and factor == 1.0 else loss * factor
                 # An empty shard (the last examples of an epoch) still joins the all-reduce.
                 (state.scaler.scale(loss) if scale else loss).backward()
-            total += loss.detach()
+            total = loss.detach() if total is None else total + loss.detach()
             if fire:
                 state.last_backward = i == len(chunks) - 1
                 callbacks.fire("after_backward", state)

@@ -4,7 +4,9 @@
 
 Each step's loss is split into micro-batches (gradient accumulation); hasten.MicroBatchTap reads the first
 micro-batch's own gradient as backward runs and the accumulated one at tap.step(), before clipping
-(McCandlish et al. 2018, arXiv:1812.06162). B_simple is in examples, averaged over the run.
+(McCandlish et al. 2018, arXiv:1812.06162). With --micro-batches 1 there is one backward per step and
+hasten.PerExampleTap reads every example's gradient norm from layer hooks instead (B_small = 1).
+B_simple is in examples, averaged over the run.
 """
 import argparse
 
@@ -18,7 +20,7 @@ import hasten
 parser = argparse.ArgumentParser(description="noise scale of an MLP on digits, measured in a plain loop")
 parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
 parser.add_argument("--batch-size", type=int, default=128, help="examples per optimizer step")
-parser.add_argument("--micro-batches", type=int, default=4, help="gradient accumulation: backwards per step")
+parser.add_argument("--micro-batches", type=int, default=4, help="gradient accumulation: backwards per step (1: per-example norms from layer hooks)")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -27,7 +29,8 @@ data = TensorDataset(torch.tensor(digits.data, dtype=torch.float32) / 16, torch.
 loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
 model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-tap = hasten.MicroBatchTap(model, hasten.NoiseScale(dataset_size=len(data)))  # hooks each parameter's gradient
+noise = hasten.NoiseScale(dataset_size=len(data))  # the finite-population term: batches drawn without replacement
+tap = hasten.MicroBatchTap(model, noise) if args.micro_batches > 1 else hasten.PerExampleTap(model, noise)
 
 step, k = 0, args.micro_batches
 while step < args.steps:

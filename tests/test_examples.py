@@ -17,8 +17,9 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_plain_loop_prints_the_estimate_with_its_interval():
-    proc = run("plain_loop.py", "--steps", "12", "--batch-size", "64")
+@pytest.mark.parametrize("micro_batches", ["4", "1"])  # MicroBatchTap; PerExampleTap (one backward per step)
+def test_plain_loop_prints_the_estimate_with_its_interval(micro_batches):
+    proc = run("plain_loop.py", "--steps", "12", "--batch-size", "64", "--micro-batches", micro_batches)
     assert proc.returncode == 0, proc.stderr
     assert "B_simple = " in proc.stdout and "95% interval" in proc.stdout and "over 12 steps" in proc.stdout
 

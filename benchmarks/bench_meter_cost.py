@@ -13,7 +13,8 @@ except ``eval_every=0, checkpoint_every=0`` (the end-of-run evaluation and check
 
 - ``default``: noise=auto, noise_budget=0.03 (hasten's defaults),
 - ``every``: noise=auto, noise_budget=0 (the meter on every step: its raw cost),
-- ``off``: noise=off (the loop without a meter: hasten's own overhead).
+- ``off``: noise=off (the loop without a meter: hasten's own overhead),
+- ``micro`` (only when asked for): noise=micro, noise_budget=0 (the split source on every step, beside ``every``).
 
 The two are timed side by side, interleaved in one process: hasten's ``fit`` runs, and before every ``--segment``
 hasten steps a callback (the first one) runs ``--segment`` steps of the plain loop, timed between two device
@@ -48,7 +49,8 @@ from hasten.train.config import task_config  # noqa: E402
 
 MODELS = {"fashion-mlp": ("fashion", "mlp"), "fashion-cnn": ("fashion", "cnn"),
           "shakespeare": ("shakespeare", "transformer")}
-VARIANTS = {"default": [], "every": ["noise_budget=0"], "off": ["noise=off"]}
+VARIANTS = {"default": [], "every": ["noise_budget=0"], "off": ["noise=off"],
+            "micro": ["noise=micro", "noise_budget=0"]}  # micro: the split source on every step, to compare
 
 
 def sync(device: torch.device) -> None:
@@ -163,7 +165,7 @@ def run(name: str, variant: str, segment: int, segments: int, warmup: int, devic
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="*", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=["default", "every", "off"])
     p.add_argument("--segment", type=int, default=50, help="steps per segment of each loop")
     p.add_argument("--segments", type=int, default=40, help="timed segments per loop")
     p.add_argument("--warmup", type=int, default=2, help="untimed segments first")

@@ -39,6 +39,7 @@ from torch import nn
 from hasten.errors import HastenError
 from hasten.measure.noise_scale import NoiseScaleEstimate
 from hasten.methods import build_methods
+from hasten.schedules import INCREASE_RULES
 from hasten.tasks.base import Task
 from hasten.train import distributed as dist
 from hasten.train.batch_callback import BatchScheduleCallback
@@ -88,6 +89,8 @@ def _fit(task: Task, cfg: TrainConfig, callbacks: Iterable[Any], run_dir: Path, 
         torch.set_num_threads(cfg.threads)
     device, world = resolve_device(cfg.device), dist.world_size()
     noise_source(cfg.noise, world)  # a bad noise= or precision= fails before any work
+    if cfg.batch_increase_rule not in INCREASE_RULES:
+        raise HastenError(f"batch_increase_rule={cfg.batch_increase_rule!r}: choose {' or '.join(INCREASE_RULES)}")
     amp = autocast_dtype(cfg.precision)
     micro = cfg.micro_batch_size
     check_micro(cfg.batch_size, micro)

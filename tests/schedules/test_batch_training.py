@@ -206,3 +206,13 @@ def test_cli_keys_and_one_line_errors(tmp_path, capsys):
         assert cli(["train", "digits", f"run_dir={tmp_path / f'bad{i}'}", *common, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_unknown_increase_rule_is_refused_before_any_work(tmp_path):
+    """Catches a batch_increase_rule accepted whenever batch=fixed (it was: only batch=increase read it)."""
+    from hasten.errors import HastenError
+    from hasten.train import fit
+
+    with pytest.raises(HastenError, match="batch_increase_rule='foo': choose exact or approx"):
+        fit(tiny_task(), tiny_config(steps=2, batch_increase_rule="foo"), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -17,7 +17,9 @@ norms at two batch sizes taken at the same parameters (eq. A.2). Sources:
   On a step whose shards differ by one example the loop weights each rank's gradient by W·b_r/B (so their average
   is the batch mean); the meter's pair is then off by a relative O(1/b_r²): negligible.
 - ``auto`` (the default): ``ddp`` under torchrun; in one process ``hooks`` when every trainable parameter is in a
-  layer the tap covers and there is no BatchNorm, else ``micro``. The choice and why are in config.json.
+  layer the tap covers, there is no BatchNorm and each example is one vector to every layer (an MLP); else
+  ``micro`` (convolutions and sequences: there the split is the cheaper source). The choice and why are in
+  config.json.
 
 Which steps are measured: one in ``every``, the first being step ``every`` (so ``noise_every`` larger than the run
 measures nothing and trains exactly as ``noise=off``). With ``budget`` > 0 the callback times its own cost, the
@@ -97,6 +99,7 @@ def resolve_source(noise: str, model: torch.nn.Module, world: int = 1, precondit
         return "micro", "precondition=true measures micro-batches"
     from hasten.measure import PerExampleTap
 
+    positions = _SeveralPositions(model)
     try:
         tap = PerExampleTap(model)
         try:
@@ -104,9 +107,50 @@ def resolve_source(noise: str, model: torch.nn.Module, world: int = 1, precondit
                 _probe(tap, model, loss_fn, *sample())
         finally:
             tap.remove()
+            positions.remove()
     except HastenError as e:
         return "micro", f"the per-example hooks do not apply: {e}"
+    if positions.seen if sample is not None else positions.by_type:
+        return "micro", ("the layers see several positions per example (convolutions or sequences), where the "
+                         "per-example hooks cost 1.4-1.7x a step and 4 micro-batches 1.0x (BENCHMARKS.md)")
     return "hooks", "every trainable parameter is in a layer the per-example hooks cover"
+
+
+class _SeveralPositions:
+    """Whether any Linear/Conv/Embedding layer sees more than one position per example: seen in a forward
+    (``seen``), or guessed from the layer types when there is none (``by_type``: any Conv or Embedding).
+
+    The per-example hooks are cheap (‖x‖²‖δ‖² per layer) when each example is one vector; with T positions they
+    form each example's gradient or a T×T Gram matrix, and a split into micro-batches costs less: measured with
+    ``python benchmarks/bench_meter_cost.py --variants every micro`` on the fashion MLP (hooks 1.37x, split 1.48x a
+    plain step), CNN (1.66x vs 0.97x) and shakespeare transformer (1.43x vs 1.02x)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from torch import nn
+
+        kinds = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+        layers = [m for m in model.modules() if isinstance(m, kinds)]
+        self.by_type = any(not isinstance(m, nn.Linear) for m in layers)
+        self.seen = False
+        self._handles = [m.register_forward_pre_hook(self._check) for m in layers]
+
+    def _check(self, module, args) -> None:
+        from torch import nn
+
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            return
+        if isinstance(module, nn.modules.conv._ConvNd):
+            self.seen = True  # a kernel slides over positions
+        elif isinstance(module, nn.Embedding):
+            self.seen = self.seen or (x.dim() > 1 and x[0].numel() > 1)
+        else:
+            self.seen = self.seen or (x.dim() > 2 and x[0].numel() // x.shape[-1] > 1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _probe(tap, model: torch.nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor) -> None:

@@ -41,6 +41,7 @@ import torch
 
 from hasten.errors import HastenError
 from hasten.measure.noise_scale import NoiseScale, NoiseScaleEstimate, load_meter_state, meter_state
+from hasten.measure.tap import check_meter_options
 
 try:
     import lightning.pytorch as pl
@@ -150,10 +151,7 @@ class NoiseScaleMonitor(pl.Callback):
                  batch_size_fn: Callable[[object], int] | None = None):
         if source not in SOURCES:
             raise HastenError(f"source={source!r}: choose one of {', '.join(SOURCES)}")
-        if not (isinstance(every, int) and every >= 1):
-            raise HastenError(f"every={every}: give a positive number of steps (1 = measure every step)")
-        if small not in ("first", "all"):
-            raise HastenError(f"small={small!r}: choose 'first' (one micro-batch read per step) or 'all'")
+        check_meter_options(every, small)
         self.source, self.every, self.small = source, every, small
         self.dataset_size, self.batch_size_fn = dataset_size, batch_size_fn or first_dim
         self.noise = NoiseScale(horizon=horizon)

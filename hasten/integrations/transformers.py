@@ -57,7 +57,7 @@ from transformers.trainer_callback import ExportableState
 from hasten.errors import HastenError
 from hasten.measure.hook_tap import PerExampleTap
 from hasten.measure.noise_scale import NoiseScale, NoiseScaleEstimate, meter_state
-from hasten.measure.tap import MicroBatchTap
+from hasten.measure.tap import MicroBatchTap, check_meter_options
 
 SOURCES = ("auto", "micro", "per_example")
 _IGNORE = -100  # the label HF losses and the Trainer's token count skip
@@ -207,10 +207,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
     def __init__(self, source: str = "auto", every: int = 1, horizon: float | None = None, small: str = "first"):
         if source not in SOURCES:
             raise HastenError(f"NoiseScaleCallback(source={source!r}): choose {', '.join(SOURCES)}")
-        if not (isinstance(every, int) and every >= 1):
-            raise HastenError(f"NoiseScaleCallback(every={every!r}): give a positive number of steps")
-        if small not in ("first", "all"):
-            raise HastenError(f"NoiseScaleCallback(small={small!r}): choose 'first' or 'all'")
+        check_meter_options(every, small)
         self.source, self.every, self.horizon, self.small = source, every, horizon, small
         self.noise = NoiseScale(horizon=horizon)
         self.meter_state: dict | None = None  # restored from a checkpoint; loaded at on_train_begin

@@ -53,6 +53,16 @@ def micro_batch_pair(
     return sq_small, sq_big
 
 
+def check_meter_options(every, small: str = "first", *, names: tuple[str, str] = ("every", "small")) -> None:
+    """One-line errors for a meter's ``every`` (a positive int) and ``small`` ("first" or "all"); ``names`` are the
+    keys as the caller's user writes them (e.g. ``noise_every``)."""
+    if not (isinstance(every, int) and every >= 1):
+        raise HastenError(f"{names[0]}={every!r}: give a positive number of steps (1 = measure every step)")
+    if small not in ("first", "all"):
+        raise HastenError(f"{names[1]}={small!r}: choose 'first' (one micro-batch read per step) or 'all' (every "
+                          "micro-batch's)")
+
+
 class MicroBatchTap:
     """Feeds a :class:`NoiseScale` from the micro-batches of gradient accumulation.
 
@@ -94,10 +104,7 @@ class MicroBatchTap:
         self._backwards: list[int] = []  # which backward (0, 1, ...) each of those norms is from
         self._counts = [0] * len(self._params)  # gradients each parameter received since the last step
         self._scales: dict[int, torch.Tensor | None] = {}  # preconditioner per parameter, read once per step
-        if every < 1:
-            raise HastenError(f"every must be a positive number of steps, got {every}")
-        if small not in ("first", "all"):
-            raise HastenError(f"small={small!r}: choose 'first' (one micro-batch read per step) or 'all'")
+        check_meter_options(every, small)
         self.small = small
         self.every, self._steps = every, 0
         self._active = [True]  # whether the hooks measure this step (a list: the hooks hold it)

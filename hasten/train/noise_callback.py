@@ -210,10 +210,9 @@ class NoiseScaleCallback(Callback):
             raise HastenError(f"noise={source!r}: choose {', '.join(c for c in CHOICES if c != 'off')}")
         if precondition and source not in ("micro", "auto"):
             raise HastenError("precondition=true works with noise=micro in one process only: set precondition=false")
-        if every < 1:
-            raise HastenError(f"noise_every={every}: give a positive number of steps (1 = measure every step)")
-        if small not in ("first", "all"):
-            raise HastenError(f"noise_small={small!r}: choose first (one micro-batch read per step) or all")
+        from hasten.measure.tap import check_meter_options
+
+        check_meter_options(every, small, names=("noise_every", "noise_small"))
         if not 0 <= budget < 1:
             raise HastenError(f"noise_budget={budget}: give the share of step time the meter may take, e.g. 0.03 "
                               "(0 = measure one step in noise_every)")

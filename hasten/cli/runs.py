@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from hasten.errors import HastenError
-from hasten.measure.noise_scale import B_SIMPLE_PREDICTS, NOT_MEASURABLE
+from hasten.measure.noise_scale import B_SIMPLE_PREDICTS, NOT_MEASURABLE, lower_bound_only
 from hasten.train.config import TrainConfig, default_run_dir, task_config
 from hasten.train.distributed import is_main, world_size
 from hasten.train.rundir import lock_run_dir
@@ -56,7 +56,9 @@ def run_noise_scale(task_name: str, overrides: list[str]):
 def _report_noise(cfg: TrainConfig, task, result) -> None:
     est = result.noise
     _print_metrics(result)
-    if est is None or not est.measurable:
+    if est is not None and not est.measurable and est.b_simple_lo > 0:
+        print(f"gradient noise scale B_simple: {lower_bound_only(est.b_simple_lo)} ({est.n_steps} steps)")
+    elif est is None or not est.measurable:
         print(f"gradient noise scale B_simple: {NOT_MEASURABLE}"
               + (f" ({est.n_steps} steps, {est.n_skipped} skipped; noise_horizon=-1 averages the whole run)"
                  if est is not None else ""))

@@ -32,6 +32,13 @@ _Z975 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 NOT_MEASURABLE = "not measurable yet: train longer (|G|² is not significantly above zero)"
 
+
+def lower_bound_only(lo: float) -> str:
+    """What to say when |G|² is not significantly above zero but the interval's lower bound is: B_simple is large
+    (the gradient is mostly noise, e.g. near convergence), known only from below."""
+    return (f"at least {lo:.4g} (95% lower bound; no upper bound: |G|² is not significantly above zero, the gradient "
+            "is mostly noise as near convergence; a shorter noise_horizon or more steps narrow it)")
+
 # What B_simple predicts, in one place: the CLI, the run report, the study report, README.md and
 # docs/architecture.md all quote this text (tests/report/test_b_simple_statement.py checks that they do).
 B_SIMPLE_PREDICTS = (
@@ -153,7 +160,8 @@ class NoiseScaleEstimate:
 
     def __str__(self) -> str:
         if not self.measurable:
-            return f"B_simple {NOT_MEASURABLE}; {self.n_steps} steps, {self.n_skipped} skipped"
+            what = lower_bound_only(self.b_simple_lo) if self.b_simple_lo > 0 else NOT_MEASURABLE
+            return f"B_simple {what}; {self.n_steps} steps, {self.n_skipped} skipped"
         return (f"B_simple = {self.b_simple:.4g} (95% interval {self.b_simple_lo:.4g} to {self.b_simple_hi:.4g}, "
                 f"{self.n_steps} steps, {self.n_skipped} skipped)")
 

@@ -11,7 +11,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from hasten.measure.noise_scale import B_SIMPLE_PREDICTS, NOT_MEASURABLE
+from hasten.measure.noise_scale import B_SIMPLE_PREDICTS, NOT_MEASURABLE, lower_bound_only
 from hasten.report.html import Report
 from hasten.report.schedule import add_schedule_section, finite
 
@@ -117,7 +117,8 @@ def headline(summary: dict[str, Any]) -> str | None:
     if "b_simple" not in summary:
         return None
     if not summary.get("measurable"):
-        return f"Gradient noise scale B_simple: {NOT_MEASURABLE}"
+        lo = summary.get("b_simple_lo") or 0.0
+        return f"Gradient noise scale B_simple: {lower_bound_only(lo) if lo > 0 else NOT_MEASURABLE}"
     return (f"Gradient noise scale B_simple = {summary['b_simple']:.4g} (95% interval "
             f"{summary['b_simple_lo']:.4g} to {summary['b_simple_hi']:.4g})")
 

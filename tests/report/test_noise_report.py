@@ -86,8 +86,13 @@ def test_not_measurable_run_says_so_and_predicts_nothing():
     rows = planted_rows(lambda s: 50 + 2 * s, steps=30)
     for r in rows:
         r["noise/b_simple_hi"] = None
-    page = noise_report("t", rows, {"b_simple": 80.0, "b_simple_lo": 3.0, "b_simple_hi": math.inf,
+    page = noise_report("t", rows, {"b_simple": 80.0, "b_simple_lo": 0.0, "b_simple_hi": math.inf,
                                     "measurable": False}).render()
     assert html.escape(NOT_MEASURABLE) in page and "not measurable yet" in page
     assert "Predicted critical batch size" not in page and html.escape(B_SIMPLE_PREDICTS) not in page
     assert "B_simple = 80" not in page
+    # A positive lower bound (the gradient mostly noise, as near convergence) is said as such, not "train longer".
+    page = noise_report("t", rows, {"b_simple": 80.0, "b_simple_lo": 3.0, "b_simple_hi": math.inf,
+                                    "measurable": False}).render()
+    assert "at least 3 (95% lower bound" in page and "not measurable yet" not in page
+    assert "Predicted critical batch size" not in page and "B_simple = 80" not in page

@@ -28,13 +28,6 @@ from hasten.train.sampler import EpochSampler, epoch_permutation, shard  # noqa:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def run(tmp_path, **kw):
     result = fit(tiny_task(), tiny_config(**kw), run_dir=tmp_path)
     return result, read_jsonl(tmp_path / "metrics.jsonl")

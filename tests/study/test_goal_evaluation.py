@@ -4,8 +4,6 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
@@ -16,13 +14,6 @@ from hasten.study.options import Goal  # noqa: E402
 from hasten.study.trials import TargetCallback  # noqa: E402
 from hasten.train import fit  # noqa: E402
 from hasten.train.logger import read_jsonl  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def trial(tmp_path, goals, **overrides):

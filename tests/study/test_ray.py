@@ -1,20 +1,12 @@
 """backend=ray: a 2-trial digits study on a local Ray instance trains both trials to the goal, records them and
 writes the report; a rerun finds both finished (results.jsonl) and starts nothing."""
 import pytest
-import torch
 
 from hasten.train.logger import read_jsonl
 
 pytest.importorskip("ray.tune", reason="Ray Tune is not installed: pip install 'hasten[ray]' to test backend=ray")
 
 from hasten.study import run_study  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def test_two_trial_study_on_local_ray(tmp_path, capsys):

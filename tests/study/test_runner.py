@@ -11,19 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from hasten.errors import HastenError
 from hasten.study import fit_critical_batch, run_study
 from hasten.study.options import geometric_grid, parse_target, scaled_lr
 from hasten.train.logger import read_jsonl
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def first_loss_step(losses, batch, smooth=2048, resolution=0.05, target=0.15):

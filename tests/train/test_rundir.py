@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from train_tiny_task import Crash, tiny_config, tiny_task, untimed_rows
 
 from hasten.errors import HastenError
@@ -18,13 +17,6 @@ from hasten.train.rundir import LOCK, lock_run_dir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()  # fit(threads=1) sets the process-wide count: give it back
-    yield
-    torch.set_num_threads(n)
 
 
 def tree(folder: Path) -> dict:

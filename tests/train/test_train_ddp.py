@@ -24,13 +24,6 @@ HERE = Path(__file__).resolve().parent
 RUN_FILES = {"config.json", "metrics.jsonl", "tb", "checkpoint-latest.pt"}
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))

@@ -14,13 +14,6 @@ from hasten.train.logger import read_jsonl
 from hasten.train.noise_callback import split_size
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()  # fit(threads=1) sets the process-wide count: give it back
-    yield
-    torch.set_num_threads(n)
-
-
 class GradCheck(Callback):
     """At each step, the accumulated .grad against one backward of the whole batch on a copy of the model."""
 

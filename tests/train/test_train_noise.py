@@ -13,13 +13,6 @@ from hasten.train.logger import read_jsonl
 from hasten.train.noise_callback import horizon_from_config, split_size
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 class BruteForce(Callback):
     """Feeds a reference NoiseScale with |G_small|² (mean over chunks of ``small`` examples, or as the micro source
     splits a measured step with ``parts``, each gradient from its own backward on a copy of the model; only the first

@@ -22,13 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
 from toy_tasks import IMAGE  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def check(task, tmp_path, noise, steps=8, **kw):
     """fit at fixed parameters (lr=0, so brute force and meter see the same weights) with a brute-force reference:
     per-example gradients for hooks (B_small = 1), the first micro-batch of the measured split for micro."""

@@ -9,13 +9,6 @@ from hasten.errors import HastenError
 from hasten.train import Callback, fit, load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def fixed_params(precision: str, noise: str, tmp_path, **kw):
     """The meter at fixed parameters (lr=0) over the same 40 batches: only the arithmetic differs between runs."""
     cfg = tiny_config(steps=40, lr=0.0, noise=noise, noise_horizon=-1.0, precision=precision, eval_every=0,

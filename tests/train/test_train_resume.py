@@ -27,13 +27,6 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err.decode()[-2000:]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_sigkill_then_rerun_is_bit_identical(tmp_path):
     steps = train_tiny_task.SCRIPT_CONFIG["steps"]
